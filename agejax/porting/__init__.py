@@ -1,0 +1,1 @@
+"""Converters from public checkpoint formats to agejax prior directories."""
