@@ -52,6 +52,10 @@ def build_model(spec: Mapping[str, Any]) -> AgeModel:
 def _register_defaults() -> None:
   from agejax.models import vgg
   register_backbone("vgg16", vgg.VGG16)
+  from agejax.models import efficientnet, mobilenet
+  register_backbone("mobilenet_v2", mobilenet.MobileNetV2)
+  for arch in efficientnet.VARIANTS:
+    register_backbone(arch, efficientnet.builder(arch))
 
 
 _register_defaults()

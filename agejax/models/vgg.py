@@ -11,6 +11,8 @@ import jax.numpy as jnp
 
 from agejax.models.layers import Conv2D, ConvImpl
 
+# He init keeps activations alive through 13 ReLU convs when training from scratch (ports overwrite it).
+_HE = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
 
@@ -29,7 +31,7 @@ class VGG16(nn.Module):
     for block, (layers, channels) in enumerate(VGG16_BLOCKS, start=1):
       for layer in range(1, layers + 1):
         features = max(1, int(round(channels * self.width)))
-        x = Conv2D(features, (3, 3), padding="torch", impl=self.conv_impl, dtype=self.dtype,
+        x = Conv2D(features, (3, 3), padding="torch", impl=self.conv_impl, dtype=self.dtype, kernel_init=_HE,
                    name=f"conv{block}_{layer}")(x)
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))

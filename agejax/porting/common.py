@@ -36,7 +36,7 @@ def fill_variables(abstract: Any, converted: Mapping[str, np.ndarray], source: s
       problems.append(f"layer {name}: checkpoint shape {c_shape} != model shape {w_shape}")
   if problems:
     raise CheckpointError(f"{source} does not fit the architecture:\n  " + "\n  ".join(problems))
-  flat = {tuple(k.split("/")): np.asarray(converted[k], dtype=np.asarray(want[k]).dtype
+  flat = {tuple(k.split("/")): np.asarray(converted[k], dtype=np.dtype(want[k].dtype)
                                           if hasattr(want[k], "dtype") else np.float32) for k in want}
   return flax.traverse_util.unflatten_dict(flat)
 

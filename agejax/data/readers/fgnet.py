@@ -1,0 +1,39 @@
+"""FG-NET: `078A11.JPG` is subject 78 at age 11; an optional `a`/`b` marks a second photo at that age."""
+
+import os
+import re
+
+from agejax.data.readers.common import (
+  check_root,
+  clearly_not_image,
+  finish,
+  is_image_name,
+  register,
+  valid_age,
+  walk_files,
+)
+from agejax.data.records import AgeRecord, Dataset, Rejections
+
+NAME_RE = re.compile(r"(\d{3})a(\d{2})([ab]?)\.jpe?g", re.IGNORECASE)
+
+
+@register("fgnet", "fg_net")
+def read_fgnet(root: str, policy: str = "skip", min_age: float = 0, max_age: float = 120) -> Dataset:
+  """Reads every image under `root`; names not in the FG-NET pattern are rejected."""
+  root = check_root(root)
+  rej = Rejections(policy)
+  records = []
+  for path in walk_files(root):
+    name = os.path.basename(path)
+    if clearly_not_image(name) or not is_image_name(name):
+      continue
+    m = NAME_RE.fullmatch(name)
+    if m is None:
+      rej.reject(path, "file name not like 078A11.JPG")
+      continue
+    age = float(m.group(2))
+    if not valid_age(age, rej, path, min_age, max_age):
+      continue
+    records.append(AgeRecord(path=path, age=age, subject=str(int(m.group(1))), source=name,
+                             extra={"variant": m.group(3).lower() or None}))
+  return finish("fgnet", root, records, rej)

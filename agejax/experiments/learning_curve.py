@@ -1,0 +1,365 @@
+"""The few-shot learning curve (paper §4.1, Tables 1-2, Fig. 4): for each prior and training-set size,
+T trials fine-tuned from the prior on disjoint random draws, evaluated on one fixed test set.
+
+Outputs in the workdir: results.csv (a row per trial), table.md, learning_curve.png, splits/ (every
+trial's training list), config.json, data_report.json, tb/ (TensorBoard), checkpoints/ (the best and
+median trial of each size as prior directories, usable by `agejax.predict`). A rerun of the same
+command skips the (prior, size) pairs already in results.csv.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from agejax.engine import metrics as metrics_lib
+from agejax.engine import trials as trials_lib
+from agejax.engine.optim import make_optimizer
+from agejax.errors import ConfigError, TrainingError
+from agejax.experiments.priors import Prior, init_head, resolve_prior
+from agejax.experiments.study_data import StudyData, load_study_data
+from agejax.models.pretrained import save_pretrained
+from agejax.reports import plots, tables
+from agejax.reports.tensorboard import Logger
+
+log = logging.getLogger(__name__)
+
+
+def size_schedule(cfg: Any, num_bases: int) -> list[dict[str, int]]:
+  """[{n, trials, stepsize, max_iter}] from `config.sizes` rows (n, trials, stepsize, max_iter).
+
+  n may be a fraction of the pool (< 1.0) and is capped by the pool; `config.steps_scale` multiplies
+  stepsize and max_iter (a runlocal switch), never below `config.min_steps`.
+  """
+  out, scale = [], float(cfg.get("steps_scale", 1.0))
+  for row in cfg.sizes:
+    n, trials, stepsize, max_iter = row
+    n = int(round(n * num_bases)) if isinstance(n, float) and n <= 1.0 else int(n)
+    if n > num_bases:
+      log.warning("size %d exceeds the pool (%d base images): capped", n, num_bases)
+      n = num_bases
+    if n < 1:
+      continue
+    max_iter = max(int(round(max_iter * scale)), int(cfg.get("min_steps", 1)))
+    stepsize = max(int(round(stepsize * scale)), 1)
+    out.append({"n": n, "trials": int(trials), "stepsize": stepsize, "max_iter": max_iter})
+  return out
+
+
+def trial_seed(base_seed: int, trial: int) -> int:
+  """Seed of trial `trial`: a lone run with `seed=s` and one trial reproduces trial s - base_seed."""
+  return int(base_seed) + int(trial)
+
+
+def draw_subset(data: StudyData, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(base ids, pool item indices) of n base images drawn without replacement."""
+  rng = np.random.default_rng([seed, n])
+  bases = np.sort(rng.choice(data.num_bases, size=n, replace=False))
+  members = data.group_members()
+  items = np.concatenate([members[b] for b in bases])
+  return bases, items
+
+
+def initial_state(prior: Prior, optimizer: Any, seed: int, image_size: int) -> trials_lib.TrialState:
+  key = jax.random.key(seed)
+  params = dict(prior.variables["params"])
+  if prior.new_head:  # the paper's new 101-way head: gaussian std 0.01, drawn per trial
+    params["head"] = init_head(prior.model, prior.variables, image_size, jax.random.fold_in(key, 3))
+  params = jax.tree.map(jnp.asarray, params)
+  return trials_lib.TrialState(params, prior.variables.get("batch_stats", {}), optimizer.init(params), key)
+
+
+class PriorEngine:
+  """Compiled pieces for one prior, shared by every size: optimiser, chunk and predict functions, runners."""
+
+  def __init__(self, cfg: Any, prior: Prior, chunk_steps: int):
+    self.cfg, self.prior, self.chunk_steps = cfg, prior, chunk_steps
+    self.optimizer = make_optimizer(cfg.optim, prior.variables["params"])
+    self.step_cfg = trials_lib.StepConfig(cfg.batch_size, cfg.data.crop, mirror=cfg.data.get("mirror", True),
+                                          random_crop=cfg.data.get("random_crop", True))
+    self.trial_chunk = cfg.trials.get("trial_chunk", 0)
+    self.chunk_fn = trials_lib.make_train_chunk(prior.model, prior.head_kind(), prior.preprocess, self.optimizer,
+                                                self.step_cfg)
+    self.predict_fn = trials_lib.make_predict(prior.model, prior.head_kind(), prior.preprocess)
+    self._runners: dict[str, trials_lib.TrialRunner] = {}
+    self.auto_choice: str | None = None
+
+  def runner(self, strategy: str) -> trials_lib.TrialRunner:
+    if strategy not in self._runners:
+      self._runners[strategy] = trials_lib.TrialRunner(self.chunk_fn, self.predict_fn, strategy, self.trial_chunk)
+    return self._runners[strategy]
+
+  def initial_state(self, seed: int) -> trials_lib.TrialState:
+    return initial_state(self.prior, self.optimizer, seed, self.cfg.data.crop)
+
+
+def _scores(pred: np.ndarray, data: StudyData) -> dict[str, float]:
+  return metrics_lib.age_metrics(pred, data.test_ages, data.test_sigma)
+
+
+class TrialKeeper:
+  """Keeps each trial's final state until the size's best and median trials are known.
+
+  States stay in host memory while they fit `budget_mb`; beyond that they are staged on disk as prior
+  directories and the ones not picked are deleted at the end.
+  """
+
+  def __init__(self, workdir: str, prior: Prior, budget_mb: float):
+    self.root = os.path.join(workdir, "checkpoints", prior.name)
+    self.prior = prior
+    self.budget = budget_mb * 2**20
+    self.held: dict[int, Any] = {}
+    self.staged: dict[int, str] = {}
+    self.used = 0
+
+  def keep(self, trial: int, n: int, state: trials_lib.TrialState) -> None:
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    size = sum(x.nbytes for x in jax.tree.leaves(variables))
+    if self.used + size <= self.budget:
+      self.held[trial] = jax.device_get(variables)
+      self.used += size
+    else:
+      path = os.path.join(self.root, f"n{n:05d}_staging", f"trial{trial:02d}")
+      save_pretrained(path, self.prior.spec, variables, self.prior.preprocess)
+      self.staged[trial] = path
+
+  def finish(self, n: int, rows: list[dict[str, Any]], which: str) -> None:
+    import shutil
+
+    order = np.argsort([r["mae"] for r in rows])
+    picks = {"best": int(order[0]), "median": int(order[len(order) // 2])}
+    if which == "all":
+      picks.update({f"trial{t:02d}": t for t in range(len(rows))})
+    for label, t in picks.items():
+      out = os.path.join(self.root, f"n{n:05d}_{label}")
+      source = {"format": "agejax-trial", "prior": self.prior.name, "n_train": n, "trial": t,
+                "seed": rows[t]["seed"], "mae": rows[t]["mae"]}
+      if t in self.held:
+        save_pretrained(out, self.prior.spec, self.held[t], self.prior.preprocess, source=source)
+      else:
+        from agejax.models.pretrained import load_pretrained
+        _, variables, _ = load_pretrained(self.staged[t])
+        save_pretrained(out, self.prior.spec, variables, self.prior.preprocess, source=source)
+      rows[t].setdefault("checkpoint", os.path.relpath(out, os.path.dirname(os.path.dirname(self.root))))
+    shutil.rmtree(os.path.join(self.root, f"n{n:05d}_staging"), ignore_errors=True)
+
+
+class Study:
+  """Runs the learning curve of a config into a workdir."""
+
+  def __init__(self, config: Any, workdir: str):
+    self.cfg = config
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    self.results_path = os.path.join(workdir, "results.csv")
+
+  # -- bookkeeping -----------------------------------------------------------------------------------
+  def done_pairs(self) -> set[tuple[str, int]]:
+    if not os.path.exists(self.results_path):
+      return set()
+    return {(r["prior"], int(r["n_train"])) for r in tables.read_results(self.results_path)}
+
+  def write_splits(self, prior: str, n: int, trial: int, seed: int, bases: np.ndarray, data: StudyData) -> str:
+    rel = os.path.join("splits", prior, f"n{n:05d}", f"trial{trial:02d}.txt")
+    path = os.path.join(self.workdir, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ages = {int(g): float(a) for g, a in zip(data.pool_groups, data.pool_ages)}
+    with open(path, "w") as f:
+      f.write(f"# prior={prior} n_train={n} trial={trial} seed={seed}\n")
+      for b in bases:
+        f.write(f"{data.pool_names[b]}\t{ages[int(b)]:g}\n")
+    return rel
+
+  # -- one size --------------------------------------------------------------------------------------
+  def engine_for(self, prior: Prior) -> "PriorEngine":
+    """The compiled engine for a prior; priors of one architecture and preprocessing share it."""
+    key = json.dumps([prior.spec, prior.preprocess.to_dict()], sort_keys=True, default=str)
+    engines = self.__dict__.setdefault("_engines", {})
+    if key not in engines:
+      engines[key] = PriorEngine(self.cfg, prior, self.chunk_steps)
+    engine = engines[key]
+    engine.prior = prior
+    return engine
+
+  def run_size(self, prior: Prior, data: StudyData, dev: dict[str, jax.Array], size: Mapping[str, int],
+               tb: Logger) -> list[dict[str, Any]]:
+    cfg = self.cfg
+    n, num_trials, max_iter = size["n"], size["trials"], size["max_iter"]
+    engine = self.engine_for(prior)
+    k = engine.chunk_steps
+    padded = -(-max_iter // k) * k
+    seeds = [trial_seed(cfg.seed, t) for t in range(num_trials)]
+    draws = [draw_subset(data, n, s) for s in seeds]
+    orders = np.stack([trials_lib.sample_order(items, padded, cfg.batch_size, s)
+                       for (_, items), s in zip(draws, seeds)])
+    split_files = [self.write_splits(prior.name, n, t, s, draws[t][0], data) if self.is_main else ""
+                   for t, s in enumerate(seeds)]
+    hyper = trials_lib.Hyper(jnp.asarray(size["stepsize"], jnp.int32), jnp.asarray(max_iter, jnp.int32))
+    make_states = lambda sl: [engine.initial_state(seeds[t]) for t in range(sl.start, sl.stop)]  # noqa: E731
+    runner = engine.runner(self.pick_strategy(engine, make_states, orders[:, :k], hyper, dev))
+
+    losses = np.zeros((num_trials, padded), np.float32)
+    preds = np.zeros((num_trials, len(data.test_ages)), np.float32)
+    keeper = TrialKeeper(self.workdir, prior, cfg.get("keep_states_mb", 2048)) if self._saving() else None
+    bar = tqdm(total=max_iter * num_trials, desc=f"{prior.name} n={n} x{num_trials} [{runner.strategy}]",
+               unit="step", disable=not self.is_main or not cfg.get("progress", True), leave=False)
+    t0 = time.perf_counter()
+    train_wall = 0.0
+    for sl in runner.slices(num_trials):
+      state = runner.group(make_states(sl))
+      group_orders = runner.group_rows(orders, sl)
+      t_train = time.perf_counter()
+      for step0 in range(0, max_iter, k):
+        chunk_idx = group_orders[..., step0:step0 + k, :]
+        state, chunk_losses = runner.train(state, chunk_idx, step0, hyper, dev["pool_images"], dev["pool_ages"])
+        losses[sl, step0:step0 + k] = chunk_losses
+        valid = chunk_losses[:, : max_iter - step0]
+        if not np.isfinite(valid).all():
+          t, s = map(int, np.argwhere(~np.isfinite(valid))[0])
+          raise TrainingError(f"loss is {valid[t, s]} at prior {prior.name!r}, size {n}, trial {sl.start + t} "
+                              f"(seed {seeds[sl.start + t]}), step {step0 + s}; lower optim.base_lr or check the data")
+        bar.update(min(k, max_iter - step0) * (sl.stop - sl.start))
+      jax.block_until_ready(state)
+      train_wall += time.perf_counter() - t_train
+      preds[sl] = trials_lib.evaluate(runner, state, dev["test_images"], cfg.data.crop, cfg.get("eval_batch_size", 64))
+      if keeper:
+        for t, st in zip(range(sl.start, sl.stop), runner.ungroup(state, sl.stop - sl.start)):
+          keeper.keep(t, n, st)
+      del state
+    bar.close()
+    wall = time.perf_counter() - t0
+    losses = losses[:, :max_iter]
+    self.log_losses(tb, prior.name, n, losses, k)
+
+    rows = []
+    for t in range(num_trials):
+      train_mean = float(data.pool_ages[draws[t][1]].mean())
+      rows.append({"prior": prior.name, "n_train": n, "trial": t, "seed": seeds[t], **_scores(preds[t], data),
+                   "steps": max_iter, "wall_s": round(wall / num_trials, 4),
+                   "train_loss": float(losses[t, -min(k, max_iter):].mean()),
+                   "baseline_mae": metrics_lib.mae(np.full_like(data.test_ages, train_mean), data.test_ages),
+                   "strategy": runner.strategy,
+                   "train_images_per_s": round(max_iter * cfg.batch_size * num_trials / max(train_wall, 1e-9), 2),
+                   "split_file": split_files[t]})
+    if keeper:
+      keeper.finish(n, rows, self.cfg.get("save_trials", "best_median"))
+    return rows
+
+  def _saving(self) -> bool:
+    return self.is_main and self.cfg.get("save_trials", "best_median") != "none"
+
+  def log_losses(self, tb: Logger, prior: str, n: int, losses: np.ndarray, every: int) -> None:
+    for step in sorted({*range(every - 1, losses.shape[1], every), losses.shape[1] - 1}):
+      tb.scalar(f"train_loss/{prior}/n{n}/mean", losses[:, step].mean(), step + 1)
+      if self.cfg.get("log_trial_losses", True):
+        for t in range(losses.shape[0]):
+          tb.scalar(f"train_loss/{prior}/n{n}/trial{t:02d}", losses[t, step], step + 1)
+
+  def pick_strategy(self, engine: "PriorEngine", make_states, first_chunk: np.ndarray, hyper, dev) -> str:
+    strategy = self.cfg.trials.get("parallel", "auto")
+    num_trials = len(first_chunk)
+    if strategy != "auto":
+      return strategy
+    if num_trials == 1:
+      return "loop"
+    if engine.auto_choice:  # measured once per engine, at its first size with several trials
+      return engine.auto_choice
+    key = trials_lib.auto_key(engine.prior.spec, num_trials, engine.chunk_steps, dev["pool_images"].shape,
+                              engine.step_cfg, engine.trial_chunk)
+
+    def measure(name: str) -> float:
+      return trials_lib.time_chunk(engine.runner(name), make_states, first_chunk, hyper, dev["pool_images"],
+                                   dev["pool_ages"])
+
+    choice, _ = trials_lib.choose_strategy(key, measure, self.cfg.trials.get("auto_candidates", trials_lib.STRATEGIES),
+                                           log)
+    engine.auto_choice = choice
+    return choice
+
+  # -- the whole study -------------------------------------------------------------------------------
+  def size_zero(self, prior: Prior, data: StudyData, dev: dict[str, jax.Array]) -> dict[str, Any]:
+    """The prior untouched (its new head, if any, drawn from the base seed)."""
+    seed = trial_seed(self.cfg.seed, 0)
+    engine = self.engine_for(prior)
+    state = engine.initial_state(seed)
+    runner = engine.runner("loop")
+    t0 = time.perf_counter()
+    preds = trials_lib.evaluate(runner, state, dev["test_images"], self.cfg.data.crop,
+                                self.cfg.get("eval_batch_size", 64))
+    return {"prior": prior.name, "n_train": 0, "trial": 0, "seed": seed, **_scores(preds[0], data), "steps": 0,
+            "wall_s": round(time.perf_counter() - t0, 4), "baseline_mae": float("nan")}
+
+  def run(self) -> list[dict[str, Any]]:
+    cfg = self.cfg
+    data = load_study_data(cfg.data, cfg.seed)
+    if self.is_main:
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2) if hasattr(cfg, "to_json_best_effort") else json.dumps(cfg))
+      data.rejections.write(os.path.join(self.workdir, "data_report.json"))
+      with open(os.path.join(self.workdir, "data_info.json"), "w") as f:
+        json.dump(data.info, f, indent=2, default=str)
+      os.makedirs(os.path.join(self.workdir, "splits"), exist_ok=True)
+      with open(os.path.join(self.workdir, "splits", "test.txt"), "w") as f:
+        f.write(f"# fixed test set: {len(data.test_names)} images\n")
+        f.writelines(f"{name}\t{age:g}\n" for name, age in zip(data.test_names, data.test_ages))
+    dev = {"pool_images": jnp.asarray(data.pool_images), "pool_ages": jnp.asarray(data.pool_ages),
+           "test_images": jnp.asarray(data.test_images)}
+    sizes = size_schedule(cfg, data.num_bases)
+    # One chunk length for the whole study, so one compiled program serves every size.
+    self.chunk_steps = max(1, min([cfg.trials.get("chunk_steps", 50)] + [s["max_iter"] for s in sizes]))
+    if not cfg.priors:
+      raise ConfigError("config.priors is empty: add at least one prior (a prior directory or a model spec)")
+    done = self.done_pairs()
+    tb = Logger(os.path.join(self.workdir, "tb"), enabled=self.is_main)
+    pool_mean_mae = metrics_lib.mae(np.full_like(data.test_ages, data.pool_ages.mean()), data.test_ages)
+    for entry in cfg.priors:
+      entry = dict(entry)
+      if entry.get("pretrain"):
+        from agejax.experiments.pretrain import pretrain_prior
+        entry = {"name": entry["name"], "dir": pretrain_prior(entry, cfg, self.workdir, data.pool_ages),
+                 "head": "keep", "backbone_overrides": entry.get("backbone_overrides", {})}
+      prior = resolve_prior(entry, cfg.model, cfg.data.crop, cfg.seed)
+      log.info("prior %s: %s head=%s (%s)", prior.name, prior.spec["arch"], prior.spec["head"],
+               "new" if prior.new_head else "kept")
+      todo = [] if (prior.name, 0) in done or not cfg.get("eval_size_zero", True) else [0]
+      todo += [s for s in sizes if (prior.name, s["n"]) not in done]
+      for size in todo:
+        if size == 0:
+          rows = [self.size_zero(prior, data, dev)]
+        else:
+          rows = self.run_size(prior, data, dev, size, tb)
+        if self.is_main:
+          tables.append_results(self.results_path, rows)
+          summary = metrics_lib.format_metrics({k: float(np.mean([r[k] for r in rows]))
+                                                for k in metrics_lib.METRIC_NAMES})
+          n = rows[0]["n_train"]
+          log.info("%s n=%d (%d trials): %s", prior.name, n, len(rows), summary)
+          tb.scalar(f"test_mae/{prior.name}", np.mean([r["mae"] for r in rows]), n)
+    if self.is_main:
+      rows = tables.read_results(self.results_path)
+      tables.write_tables(self.workdir, rows, title=cfg.get("title", "Few-shot learning curve"))
+      plots.plot_learning_curve(rows, os.path.join(self.workdir, "learning_curve.png"),
+                                baselines={"predict the pool mean": pool_mean_mae})
+      tb.text("table", open(os.path.join(self.workdir, "table.md")).read(), 0)
+    tb.close()
+    return tables.read_results(self.results_path)
+
+
+def run(config: Any, workdir: str) -> list[dict[str, Any]]:
+  """Runs the learning-curve study of `config` in `workdir`; returns all result rows."""
+  return Study(config, workdir).run()
+
+
+def check_sizes(sizes: Sequence[Sequence[Any]]) -> None:
+  for row in sizes:
+    if len(row) != 4 or any(isinstance(v, float) and math.isnan(v) for v in row):
+      raise ConfigError(f"config.sizes rows are (n, trials, stepsize, max_iter); got {row!r}")

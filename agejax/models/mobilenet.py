@@ -1,0 +1,154 @@
+"""MobileNetV2 (Sandler et al.) and the conv + BatchNorm + activation unit shared with EfficientNet.
+
+One module serves torchvision and Keras weights: `padding` and `bn_eps` are fields the converter sets
+('torch' / 1e-5 for torchvision; 'tf_same' / 1e-3 for Keras, whose ZeroPadding2D + 'valid' stride-2
+convs equal TF 'SAME'). `bn_momentum` is Flax's (1 - torch momentum). `bn_train=False` freezes
+BatchNorm: running statistics are used and left untouched even in training.
+Layer names: `stem`, `blocks_{i}` (`expand`, `dwconv`, `project`), `head_conv`; each has `conv` and `bn`.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from agejax.models.layers import Conv2D, ConvImpl, Padding
+
+ModuleDef = Any
+
+# (expand ratio, output channels, repeats, first stride) of torchvision's and Keras's MobileNetV2.
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """Rounds a channel count to a multiple of `divisor`, never more than 10% down (TF's rule)."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def relu6(x: jax.Array) -> jax.Array:
+  return jnp.clip(x, 0.0, 6.0)
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) + BatchNorm + optional activation; `depthwise` makes one group per channel."""
+
+  features: int
+  kernel: int = 1
+  stride: int = 1
+  depthwise: bool = False
+  act: Callable[[jax.Array], jax.Array] | None = None
+  padding: Padding = "torch"
+  bn_eps: float = 1e-5
+  bn_momentum: float = 0.9
+  bn_train: bool = True
+  conv_impl: ConvImpl = "lax"
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    groups = x.shape[-1] if self.depthwise else 1
+    x = Conv2D(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding=self.padding,
+               groups=groups, use_bias=False, impl="lax" if self.depthwise else self.conv_impl,
+               dtype=self.dtype, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=not (train and self.bn_train), momentum=self.bn_momentum,
+                     epsilon=self.bn_eps, dtype=self.dtype, name="bn")(x)
+    return self.act(x) if self.act is not None else x
+
+
+def mobilenet_v2_layout(
+    width_mult: float = 1.0, width: float = 1.0,
+) -> tuple[int, list[tuple[int, int, int, int]], int]:
+  """(stem channels, [(in, hidden, out, stride) per block], head channels) as torchvision rounds them."""
+  w = width_mult * width
+  cin = make_divisible(32 * w)
+  stem = cin
+  blocks = []
+  for expand, cout, repeats, stride in MOBILENET_V2_STAGES:
+    cout = make_divisible(cout * w)
+    for i in range(repeats):
+      blocks.append((cin, int(round(cin * expand)), cout, stride if i == 0 else 1))
+      cin = cout
+  head = make_divisible(1280 * max(1.0, width_mult) * width)
+  return stem, blocks, head
+
+
+class MBConv(nn.Module):
+  """Inverted residual: expand 1x1 (when hidden != in), depthwise k x k, optional squeeze-excitation,
+  linear project 1x1; identity shortcut with stochastic depth `drop_rate` when shapes allow."""
+
+  cin: int
+  hidden: int
+  cout: int
+  kernel: int
+  stride: int
+  unit: ModuleDef
+  act: Callable[[jax.Array], jax.Array] = relu6
+  squeeze: int = 0
+  drop_rate: float = 0.0
+  conv_impl: ConvImpl = "lax"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    y = x
+    if self.hidden != self.cin:
+      y = self.unit(self.hidden, act=self.act, name="expand")(y, train)
+    y = self.unit(self.hidden, self.kernel, self.stride, depthwise=True, act=self.act, name="dwconv")(y, train)
+    if self.squeeze:
+      y = SqueezeExcite(self.squeeze, self.act, self.conv_impl, name="se")(y)
+    y = self.unit(self.cout, act=None, name="project")(y, train)
+    if self.stride != 1 or self.cin != self.cout:
+      return y
+    # Stochastic depth: drop the whole residual branch per example, rescaled by 1/(1 - rate).
+    y = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train or self.drop_rate == 0)(y)
+    return x + y
+
+
+class SqueezeExcite(nn.Module):
+  """Channel gating: mean pool, 1x1 conv `fc1` + act, 1x1 conv `fc2` + sigmoid, scale (both convs with bias)."""
+
+  squeeze: int
+  act: Callable[[jax.Array], jax.Array]
+  conv_impl: ConvImpl = "lax"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = self.act(Conv2D(self.squeeze, (1, 1), padding="valid", impl=self.conv_impl, dtype=x.dtype, name="fc1")(s))
+    s = Conv2D(x.shape[-1], (1, 1), padding="valid", impl=self.conv_impl, dtype=x.dtype, name="fc2")(s)
+    return x * jax.nn.sigmoid(s)
+
+
+def conv_bn_unit(module: nn.Module) -> ModuleDef:
+  """ConvBN with a backbone's padding, BatchNorm and conv settings filled in."""
+  return functools.partial(ConvBN, padding=module.padding, bn_eps=module.bn_eps, bn_momentum=module.bn_momentum,
+                           bn_train=module.bn_train, conv_impl=module.conv_impl, dtype=module.dtype)
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 features: global average pool of the 1x1 head conv, then dropout."""
+
+  width_mult: float = 1.0
+  width: float = 1.0
+  dropout: float = 0.2
+  padding: Padding = "torch"
+  bn_eps: float = 1e-5
+  bn_momentum: float = 0.9
+  bn_train: bool = True
+  conv_impl: ConvImpl = "lax"
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    unit = conv_bn_unit(self)
+    stem, blocks, head = mobilenet_v2_layout(self.width_mult, self.width)
+    x = unit(stem, 3, 2, act=relu6, name="stem")(x.astype(self.dtype or jnp.float32), train)
+    for i, (cin, hidden, cout, stride) in enumerate(blocks):
+      x = MBConv(cin, hidden, cout, 3, stride, unit, name=f"blocks_{i}")(x, train)
+    x = unit(head, act=relu6, name="head_conv")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
