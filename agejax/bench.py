@@ -1,0 +1,374 @@
+"""Throughput of the trial engine: every trial strategy x conv implementation, plus a PyTorch reference loop.
+
+  python -m agejax.bench                                    # vgg16_tiny, 32 trials, 64 px, batch 8 (NOTES.md)
+  python -m agejax.bench --quick --no-torch --out tmp/bench.json
+
+Prints one JSON object. For each (strategy, conv_impl) it times the first call of the step chunk (compile
+plus one chunk, reported as `first_call_s`; `compile_s` subtracts the steady chunk time), then the best of
+`--repeats` chunks over all T trials, and reports images/s, XLA's FLOP count of one trial step and the
+achieved FLOP/s. Ratios (`speedup_vs_loop_lax`, `ratio_best_jax_vs_torch`) come from numbers of this run
+only: timings on a shared machine are only comparable within one run.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from agejax.configs import tiny_vgg
+from agejax.engine import trials as trials_lib
+from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer
+from agejax.experiments.learning_curve import initial_state
+from agejax.experiments.priors import Prior, resolve_prior
+from agejax.models import build_model
+
+MODELS = ("vgg16_tiny", "vgg16", "mobilenet_v2", "efficientnet_b3")
+CONV_IMPLS = ("lax", "patches")
+# The NOTES.md setting; --quick shrinks everything so a test finishes in seconds.
+DEFAULTS = dict(trials=32, res=64, batch=8, steps=2, repeats=3, pool=256)
+QUICK = dict(trials=2, res=32, batch=2, steps=1, repeats=1, pool=16)
+PREPROCESS = dict(channel_order="BGR", scale=255.0, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0))
+
+
+def model_spec(model: str, conv_impl: str, quick: bool = False) -> dict[str, Any]:
+  """The agejax model spec a benchmark model name stands for."""
+  if model == "vgg16_tiny":
+    return tiny_vgg(width=1 / 16, fc_dim=32, conv_impl=conv_impl) if quick else tiny_vgg(1 / 8, 512, conv_impl)
+  if model == "vgg16":
+    return dict(arch="vgg16", head="dex", backbone=dict(conv_impl=conv_impl))
+  if model in ("mobilenet_v2", "efficientnet_b3"):
+    return dict(arch=model, head="dex", backbone=dict(conv_impl=conv_impl))
+  raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+
+
+def flops_of(compiled: Any) -> float | None:
+  """FLOPs from XLA's cost analysis (a dict, or a list of dicts in older JAX); None when absent."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  value = float(cost["flops"])
+  return value if math.isfinite(value) and value > 0 else None
+
+
+def device_info() -> dict[str, Any]:
+  """Backend, device and host description."""
+  dev = jax.devices()[0]
+  cpu_model = platform.processor() or None
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
+  except OSError:
+    pass
+  return {"backend": jax.default_backend(), "platform": dev.platform, "kind": dev.device_kind, "name": str(dev),
+          "count": jax.device_count(), "nproc": os.cpu_count(), "cpu_model": cpu_model}
+
+
+def bench_prior(model: str, conv_impls: Sequence[str], s: argparse.Namespace) -> dict[str, Prior]:
+  """A from-scratch prior per conv implementation; they share one set of initial weights.
+
+  The weights are drawn with the 'rbg' PRNG: XLA:CPU takes ~30 s to compile a VGG's threefry init and
+  the starting values do not matter here. Trial keys (augmentation, dropout) stay on the default PRNG."""
+  with jax.default_prng_impl("rbg"):
+    base = resolve_prior({"name": "bench", "model": model_spec(model, conv_impls[0], s.quick)},
+                         {"head": "dex", "preprocess": PREPROCESS}, s.res, 0)
+  priors = {}
+  for impl in conv_impls:
+    spec = {**base.spec, "backbone": {**base.spec["backbone"], "conv_impl": impl}}
+    priors[impl] = dataclasses.replace(base, spec=spec, model=build_model(spec))
+  return priors
+
+
+class Setup:
+  """One conv implementation's prior, optimiser, step chunk and synthetic data, shared by the strategies."""
+
+  def __init__(self, prior: Prior, s: argparse.Namespace):
+    self.s = s
+    self.prior = prior
+    optim_cfg = ml_collections.ConfigDict(dict(name="caffe_sgd", base_lr=1e-4, momentum=0.9, weight_decay=5e-4,
+                                               gamma=0.1, rules=CAFFE_VGG_RULES))
+    self.optimizer = make_optimizer(optim_cfg, self.prior.variables["params"])
+    step_cfg = trials_lib.StepConfig(s.batch, s.res)
+    self.chunk = trials_lib.make_train_chunk(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
+    self.predict = trials_lib.make_predict(self.prior.model, "dex", self.prior.preprocess)
+    rng = np.random.default_rng(0)
+    self.pool_images = jnp.asarray(rng.integers(0, 256, (s.pool, s.res, s.res, 3), dtype=np.uint8))
+    self.pool_ages = jnp.asarray(rng.uniform(1, 90, s.pool).astype(np.float32))
+    steps = s.steps * (s.repeats + 1)
+    self.orders = np.stack([trials_lib.sample_order(np.arange(s.pool), steps, s.batch, t) for t in range(s.trials)])
+    big = jnp.asarray(10**6, jnp.int32)  # every step runs, at the base learning rate
+    self.hyper = trials_lib.Hyper(big, big)
+
+  def state(self, trial: int) -> trials_lib.TrialState:
+    return initial_state(self.prior, self.optimizer, trial, self.s.res)
+
+  def flops_per_step(self) -> float | None:
+    """XLA's FLOPs of one SGD step of one trial, from a one-step chunk.
+
+    XLA's cost analysis counts a loop body once, whatever its trip count, so a one-step chunk is the
+    unambiguous probe. It is compiled like the 'loop' program (same donation), so with `--steps 1` it is a
+    cache hit once 'loop' has run."""
+    args = (jax.tree.map(jnp.copy, self.state(0)), jnp.asarray(0, jnp.int32), self.hyper,
+            jnp.asarray(self.orders[0, :1]), self.pool_images, self.pool_ages)
+    return flops_of(jax.jit(self.chunk, donate_argnums=0).lower(*args).compile())
+
+  def time_strategy(self, strategy: str) -> dict[str, Any]:
+    """Compile seconds, then first-call and steady seconds of one chunk of `steps` steps over all trials."""
+    s = self.s
+    runner = trials_lib.TrialRunner(self.chunk, self.predict, strategy, s.trial_chunk)
+    groups = runner.slices(s.trials)
+    states = [runner.group([self.state(t) for t in range(sl.start, sl.stop)]) for sl in groups]
+    jax.block_until_ready(states)
+
+    def idx(g: int, r: int) -> np.ndarray:
+      return runner.group_rows(self.orders, groups[g])[..., r * s.steps:(r + 1) * s.steps, :]
+
+    # Ahead-of-time compile of the runner's own jitted program (it fills the cache its calls use), so the
+    # compile time is measured apart from execution. Groups of one size share one program.
+    compile_s = 0.0
+    for size in sorted({sl.stop - sl.start for sl in groups}):
+      g = next(i for i, sl in enumerate(groups) if sl.stop - sl.start == size)
+      t0 = time.perf_counter()
+      runner._train.lower(states[g], jnp.asarray(0, jnp.int32), self.hyper, jnp.asarray(idx(g, 0)),
+                          self.pool_images, self.pool_ages).compile()
+      compile_s += time.perf_counter() - t0
+
+    def one_chunk(r: int) -> float:
+      t0 = time.perf_counter()
+      for g in range(len(groups)):
+        states[g], losses = runner.train(states[g], idx(g, r), r * s.steps, self.hyper, self.pool_images,
+                                         self.pool_ages)
+        if not np.isfinite(losses).all():
+          raise FloatingPointError(f"non-finite loss with strategy {strategy!r}")
+      jax.block_until_ready(states)
+      return time.perf_counter() - t0
+
+    first = one_chunk(0)
+    chunks = [one_chunk(r) for r in range(1, s.repeats + 1)]
+    return {"compile_s": compile_s, "first_call_s": first, "chunk_s": min(chunks), "chunk_s_all": chunks,
+            "groups": len(groups)}
+
+
+def torch_vgg(width: float, fc_dim: int, res: int, num_classes: int = 101) -> Any:
+  """The narrowed VGG-16 of agejax.models.vgg in PyTorch: 13 3x3 convs (pad 1), 5 max pools, fc6/fc7, head."""
+  from torch import nn
+
+  from agejax.models.vgg import VGG16_BLOCKS
+
+  layers, cin = [], 3
+  for n, channels in VGG16_BLOCKS:
+    cout = max(1, int(round(channels * width)))
+    for _ in range(n):
+      layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+      cin = cout
+    layers.append(nn.MaxPool2d(2, 2))
+  side = res // 32
+  return nn.Sequential(*layers, nn.Flatten(),
+                       nn.Linear(cin * side * side, fc_dim), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                       nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                       nn.Linear(fc_dim, num_classes))
+
+
+def torch_model(spec: dict[str, Any], res: int) -> Any:
+  """The PyTorch counterpart of a benchmark model spec."""
+  if spec["arch"] == "vgg16":
+    b = spec.get("backbone", {})
+    return torch_vgg(b.get("width", 1.0), b.get("fc_dim", 4096), res)
+  import torchvision
+
+  return getattr(torchvision.models, spec["arch"])(num_classes=101)
+
+
+def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, Any]:
+  """A plain PyTorch CPU loop over the same T trials one after another: SGD momentum 0.9, softmax CE.
+
+  Timed at each of `s.torch_threads` intra-op thread counts (all cores, and one: on a shared machine a
+  second OpenMP thread can cost more than it brings); `images_per_s` is the best of them."""
+  # Busy-waiting OpenMP threads collapse (100x here) when another process holds a core; libgomp reads
+  # this when torch loads it, so it only takes effect if torch was not imported yet.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  import torch
+
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  pool = torch.from_numpy(rng.integers(0, 256, (s.pool, 3, s.res, s.res), dtype=np.uint8))
+  labels = torch.from_numpy(rng.integers(0, 101, s.pool))
+  mean = torch.tensor(PREPROCESS["mean"]).view(1, 3, 1, 1)
+  orders = np.stack([trials_lib.sample_order(np.arange(s.pool), s.steps * (s.repeats + 1), s.batch, t)
+                     for t in range(s.trials)])
+
+  def run_trial(model: Any, opt: Any, order: np.ndarray) -> None:
+    model.train()
+    for idx in order:
+      idx = torch.from_numpy(idx).long()
+      x = pool[idx].float() - mean
+      loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+    if not math.isfinite(loss.item()):
+      raise FloatingPointError("non-finite torch loss")
+
+  def one_chunk(r: int) -> float:
+    t0 = time.perf_counter()
+    for t, (model, opt) in enumerate(trials):
+      run_trial(model, opt, orders[t, r * s.steps:(r + 1) * s.steps])
+    return time.perf_counter() - t0
+
+  trials = []
+  for _ in range(s.trials):
+    model = torch_model(spec, s.res)
+    trials.append((model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)))
+  by_threads = {}
+  for threads in s.torch_threads:
+    torch.set_num_threads(threads)
+    first = one_chunk(0)  # warm-up (allocator, oneDNN primitives)
+    chunks = [one_chunk(r) for r in range(1, s.repeats + 1)]
+    by_threads[str(threads)] = {"first_chunk_s": first, "chunk_s": min(chunks), "chunk_s_all": chunks,
+                                "images_per_s": s.trials * s.steps * s.batch / min(chunks)}
+  best = max(by_threads, key=lambda k: by_threads[k]["images_per_s"])
+  return {"version": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+          "model": type(trials[0][0]).__name__, "params": sum(p.numel() for p in trials[0][0].parameters()),
+          "by_threads": by_threads, "threads": int(best), "chunk_s": by_threads[best]["chunk_s"],
+          "images_per_s": by_threads[best]["images_per_s"]}
+
+
+def run(s: argparse.Namespace) -> dict[str, Any]:
+  """Runs the benchmark described by parsed arguments; returns the JSON-ready report."""
+  images_per_chunk = s.trials * s.steps * s.batch
+  results, flops = [], {}
+  priors = bench_prior(s.model, s.conv_impls, s)
+  for impl in s.conv_impls:
+    setup = Setup(priors[impl], s)
+    impl_results = []
+    for strategy in s.strategies:
+      entry: dict[str, Any] = {"strategy": strategy, "conv_impl": impl}
+      try:
+        entry.update(setup.time_strategy(strategy))
+      except Exception as e:  # one failing combination (e.g. out of memory) should not sink the rest
+        entry["error"] = f"{type(e).__name__}: {e}"[:500]
+        impl_results.append(entry)
+        continue
+      entry["images_per_s"] = images_per_chunk / entry["chunk_s"]
+      impl_results.append(entry)
+      print(f"[bench] {strategy:5s} {impl:8s} {entry['images_per_s']:9.1f} images/s  "
+            f"compile {entry['compile_s']:.1f} s", file=sys.stderr, flush=True)
+    flops[impl] = setup.flops_per_step()  # after the strategies: with --steps 1 it reuses the 'loop' program
+    for entry in impl_results:
+      if "images_per_s" in entry:
+        entry["flops_per_step"] = flops[impl]
+        entry["achieved_flops_per_s"] = flops[impl] * s.trials * s.steps / entry["chunk_s"] if flops[impl] else None
+    results += impl_results
+    del setup
+
+  ok = [r for r in results if "images_per_s" in r]
+  base = next((r["images_per_s"] for r in ok if r["strategy"] == "loop" and r["conv_impl"] == "lax"), None)
+  for r in ok:
+    r["speedup_vs_loop_lax"] = r["images_per_s"] / base if base else None
+  best = max(ok, key=lambda r: r["images_per_s"]) if ok else None
+
+  torch_result, ratio = None, None
+  if s.torch:
+    try:
+      torch_result = torch_reference(model_spec(s.model, "lax", s.quick), s)
+      print(f"[bench] torch loop     {torch_result['images_per_s']:9.1f} images/s", file=sys.stderr, flush=True)
+    except ImportError as e:
+      torch_result = {"error": f"torch not importable: {e}"}
+    if best and "images_per_s" in torch_result:
+      ratio = best["images_per_s"] / torch_result["images_per_s"]
+
+  import flax
+  import jaxlib
+
+  return {
+      "device": device_info(),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                   "flax": flax.__version__, "numpy": np.__version__},
+      "settings": {"model": s.model, "spec": model_spec(s.model, "lax", s.quick), "quick": s.quick,
+                   "trials": s.trials, "res": s.res, "crop": s.res, "batch": s.batch, "steps_per_chunk": s.steps,
+                   "repeats": s.repeats, "pool": s.pool, "trial_chunk": s.trial_chunk,
+                   "strategies": list(s.strategies), "conv_impls": list(s.conv_impls),
+                   "images_per_chunk": images_per_chunk, "optimizer": "caffe_sgd momentum 0.9, VGG lr rules"},
+      "flops_per_step": flops,
+      "results": results,
+      "best": {k: best[k] for k in ("strategy", "conv_impl", "images_per_s")} if best else None,
+      "torch": torch_result,
+      "ratio_best_jax_vs_torch": ratio,
+  }
+
+
+def _csv(value: str, allowed: Sequence[str]) -> list[str]:
+  items = [v.strip() for v in value.split(",") if v.strip()]
+  bad = [v for v in items if v not in allowed]
+  if bad or not items:
+    raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(allowed)}; got {value!r}")
+  return items
+
+
+def _ints(value: str) -> list[int]:
+  try:
+    items = [int(v) for v in value.split(",") if v.strip()]
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"expected a comma list of integers; got {value!r}") from e
+  if not items or min(items) < 1:
+    raise argparse.ArgumentTypeError(f"expected positive integers; got {value!r}")
+  return items
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true", help="a tiny setting that finishes in seconds (tests)")
+  ap.add_argument("--model", default="vgg16_tiny", choices=MODELS)
+  ap.add_argument("--trials", type=int, help=f"default {DEFAULTS['trials']} ({QUICK['trials']} with --quick)")
+  ap.add_argument("--res", type=int, help="image side in pixels (no crop margin)")
+  ap.add_argument("--batch", type=int)
+  ap.add_argument("--steps", type=int, help="SGD steps per timed chunk (K)")
+  ap.add_argument("--repeats", type=int, help="timed chunks after the first call; the best is reported")
+  ap.add_argument("--pool", type=int, help="synthetic pool images the batches are drawn from")
+  ap.add_argument("--trial-chunk", type=int, default=0, help="trials vectorised together (0: all)")
+  ap.add_argument("--strategies", type=lambda v: _csv(v, trials_lib.STRATEGIES), default=list(trials_lib.STRATEGIES))
+  ap.add_argument("--conv-impls", type=lambda v: _csv(v, CONV_IMPLS), default=list(CONV_IMPLS))
+  ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                  help="also time a PyTorch loop over the same trials (when torch is importable)")
+  ap.add_argument("--torch-threads", type=_ints, default=None,
+                  help="comma list of torch intra-op thread counts to time (default: all cores and 1)")
+  ap.add_argument("--out", help="also write the JSON here")
+  s = ap.parse_args(argv)
+  for key, value in (QUICK if s.quick else DEFAULTS).items():
+    if getattr(s, key) is None:
+      setattr(s, key, value)
+  if s.torch_threads is None:
+    s.torch_threads = sorted({os.cpu_count() or 1, 1}, reverse=True)
+  if min(s.trials, s.res, s.batch, s.steps, s.repeats, s.pool) < 1:
+    ap.error("--trials, --res, --batch, --steps, --repeats and --pool must be positive")
+  return s
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  s = parse_args(argv)
+  report = run(s)
+  text = json.dumps(report, indent=1)
+  print(text)
+  if s.out:
+    os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
+    with open(s.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()

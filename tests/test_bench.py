@@ -1,0 +1,81 @@
+"""`python -m agejax.bench --quick` runs end to end and reports a consistent JSON."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agejax import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_bench_json(tmp_path):
+  out = tmp_path / "x.json"
+  # One conv implementation keeps it to three compilations; unoptimised XLA compiles faster still.
+  env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+         "PYTHONPATH": REPO}
+  proc = subprocess.run([sys.executable, "-m", "agejax.bench", "--quick", "--no-torch", "--conv-impls", "lax",
+                         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert json.loads(proc.stdout) == report  # the same object on stdout and in --out
+
+  assert {"device", "versions", "settings", "flops_per_step", "results", "best", "torch",
+          "ratio_best_jax_vs_torch"} <= set(report)
+  assert {"backend", "kind", "name"} <= set(report["device"])
+  assert report["versions"]["jax"]
+  settings = report["settings"]
+  assert settings["quick"] and settings["trials"] >= 2
+  assert report["torch"] is None and report["ratio_best_jax_vs_torch"] is None
+
+  results = report["results"]
+  assert [(r["strategy"], r["conv_impl"]) for r in results] == [("vmap", "lax"), ("map", "lax"), ("loop", "lax")]
+  base = next(r for r in results if r["strategy"] == "loop")
+  images = settings["trials"] * settings["steps_per_chunk"] * settings["batch"]
+  for r in results:
+    assert "error" not in r, r
+    assert _positive(r["images_per_s"]) and _positive(r["chunk_s"]) and _positive(r["compile_s"])
+    assert r["images_per_s"] == pytest.approx(images / r["chunk_s"], rel=1e-9)
+    assert r["chunk_s"] == min(r["chunk_s_all"]) and len(r["chunk_s_all"]) == settings["repeats"]
+    assert r["speedup_vs_loop_lax"] == pytest.approx(r["images_per_s"] / base["images_per_s"], rel=1e-9)
+    if r["flops_per_step"] is not None:
+      assert _positive(r["flops_per_step"])
+      assert r["achieved_flops_per_s"] == pytest.approx(
+          r["flops_per_step"] * settings["trials"] * settings["steps_per_chunk"] / r["chunk_s"], rel=1e-9)
+  assert base["speedup_vs_loop_lax"] == pytest.approx(1.0)
+  assert report["best"]["images_per_s"] == max(r["images_per_s"] for r in results)
+
+
+def test_flops_of_handles_backend_shapes():
+  class Compiled:
+    def __init__(self, cost):
+      self.cost = cost
+
+    def cost_analysis(self):
+      if isinstance(self.cost, Exception):
+        raise self.cost
+      return self.cost
+
+  assert bench.flops_of(Compiled({"flops": 12.0})) == 12.0
+  assert bench.flops_of(Compiled([{"flops": 7.0, "bytes accessed": 1.0}])) == 7.0
+  for cost in ({}, [], None, {"bytes accessed": 3.0}, {"flops": -1.0}, NotImplementedError("no")):
+    assert bench.flops_of(Compiled(cost)) is None
+
+
+def test_parse_args_defaults_and_quick():
+  s = bench.parse_args([])
+  assert (s.model, s.trials, s.res, s.batch) == ("vgg16_tiny", 32, 64, 8)
+  assert s.strategies == ["vmap", "map", "loop"] and s.conv_impls == ["lax", "patches"] and s.torch
+  q = bench.parse_args(["--quick", "--trials", "3", "--strategies", "loop,vmap", "--torch-threads", "2,1"])
+  assert q.trials == 3 and q.steps == bench.QUICK["steps"] and q.strategies == ["loop", "vmap"]
+  assert q.torch_threads == [2, 1]
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--strategies", "pmap"])
