@@ -9,10 +9,9 @@ command skips the (prior, size) pairs already in results.csv.
 
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -358,8 +357,3 @@ def run(config: Any, workdir: str) -> list[dict[str, Any]]:
   """Runs the learning-curve study of `config` in `workdir`; returns all result rows."""
   return Study(config, workdir).run()
 
-
-def check_sizes(sizes: Sequence[Sequence[Any]]) -> None:
-  for row in sizes:
-    if len(row) != 4 or any(isinstance(v, float) and math.isnan(v) for v in row):
-      raise ConfigError(f"config.sizes rows are (n, trials, stepsize, max_iter); got {row!r}")

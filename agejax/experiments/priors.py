@@ -52,9 +52,9 @@ def resolve_prior(entry: Mapping[str, Any], model_cfg: Mapping[str, Any], image_
     raise ConfigError(f"priors[{name}].head must be 'keep' or 'new', got {head_mode!r}")
   overrides = dict(entry.get("backbone_overrides", {}) or {})
   if entry.get("dir"):
-    read_prior_metadata(entry["dir"])  # clear error when the directory is not a prior
+    meta = read_prior_metadata(entry["dir"])  # a clear error when the directory is not a prior
     _, variables, preprocess = load_pretrained(entry["dir"])
-    spec = _with_overrides(read_prior_metadata(entry["dir"])["model"], overrides)
+    spec = _with_overrides(meta["model"], overrides)
   elif entry.get("model"):
     spec = _with_overrides(entry["model"], overrides)
     model = build_model(spec)

@@ -4,13 +4,11 @@ import os
 
 from agejax.data.readers.common import (
   check_root,
-  clearly_not_image,
   finish,
   gender_code,
-  is_image_name,
   register,
   valid_age,
-  walk_files,
+  walk_images,
 )
 from agejax.data.records import AgeRecord, Dataset, Rejections
 
@@ -34,10 +32,7 @@ def read_agedb(root: str, policy: str = "skip", min_age: float = 0, max_age: flo
   root = check_root(root)
   rej = Rejections(policy)
   records = []
-  for path in walk_files(root):
-    name = os.path.basename(path)
-    if clearly_not_image(name) or not is_image_name(name):
-      continue
+  for path, name in walk_images(root):
     p = parse_name(name)
     if p is None:
       rej.reject(path, "file name not like 0_MariaCallas_35_f.jpg")

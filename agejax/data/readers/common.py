@@ -77,6 +77,14 @@ def walk_files(root: str) -> Iterator[str]:
       yield os.path.join(os.path.abspath(dirpath), f)
 
 
+def walk_images(root: str) -> Iterator[tuple[str, str]]:
+  """(absolute path, file name) of every image file under `root`, in sorted order."""
+  for path in walk_files(root):
+    name = os.path.basename(path)
+    if is_image_name(name) and not clearly_not_image(name):
+      yield path, name
+
+
 def first_existing(candidates: list[str]) -> str | None:
   for c in candidates:
     if os.path.isfile(c):

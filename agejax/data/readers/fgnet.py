@@ -1,16 +1,13 @@
 """FG-NET: `078A11.JPG` is subject 78 at age 11; an optional `a`/`b` marks a second photo at that age."""
 
-import os
 import re
 
 from agejax.data.readers.common import (
   check_root,
-  clearly_not_image,
   finish,
-  is_image_name,
   register,
   valid_age,
-  walk_files,
+  walk_images,
 )
 from agejax.data.records import AgeRecord, Dataset, Rejections
 
@@ -23,10 +20,7 @@ def read_fgnet(root: str, policy: str = "skip", min_age: float = 0, max_age: flo
   root = check_root(root)
   rej = Rejections(policy)
   records = []
-  for path in walk_files(root):
-    name = os.path.basename(path)
-    if clearly_not_image(name) or not is_image_name(name):
-      continue
+  for path, name in walk_images(root):
     m = NAME_RE.fullmatch(name)
     if m is None:
       rej.reject(path, "file name not like 078A11.JPG")

@@ -10,17 +10,15 @@ import re
 
 from agejax.data.readers.common import (
   check_root,
-  clearly_not_image,
   csv_files,
   csv_table,
   finish,
   gender_code,
-  is_image_name,
   parse_float,
   register,
   split_from_name,
   valid_age,
-  walk_files,
+  walk_images,
   warn,
 )
 from agejax.data.records import AgeRecord, Dataset, Rejections
@@ -92,10 +90,7 @@ def _read_csv(path, root, rej, min_age, max_age) -> list[AgeRecord]:
 
 def _read_names(root, rej, min_age, max_age) -> list[AgeRecord]:
   records = []
-  for path in walk_files(root):
-    name = os.path.basename(path)
-    if clearly_not_image(name) or not is_image_name(name):
-      continue
+  for path, name in walk_images(root):
     m = NAME_RE.fullmatch(name)
     if m is None:
       rej.reject(path, "file name not like 092796_0M43.JPG")
