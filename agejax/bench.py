@@ -27,14 +27,22 @@ import ml_collections
 import numpy as np
 
 from agejax.configs import tiny_vgg
+from agejax.engine import memory as memory_lib
 from agejax.engine import trials as trials_lib
 from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer
 from agejax.experiments.learning_curve import initial_state
 from agejax.experiments.priors import Prior, resolve_prior
-from agejax.models import build_model
+from agejax.models import build_model, conv_tuning
 
 MODELS = ("vgg16_tiny", "vgg16", "mobilenet_v2", "efficientnet_b3")
-CONV_IMPLS = ("lax", "patches")
+CONV_IMPLS = ("auto", "lax", "canonical", "patches")
+# Dense peak FLOP/s per device kind (vendor datasheets; SXM parts), by compute dtype, for MFU.
+PEAK_FLOPS = {
+    "H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12},
+    "A100": {"bfloat16": 312e12, "float32": 19.5e12}, "L4": {"bfloat16": 121e12, "float32": 30e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12}, "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12}, "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
+}
 # The NOTES.md setting; --quick shrinks everything so a test finishes in seconds.
 DEFAULTS = dict(trials=32, res=64, batch=8, steps=2, repeats=3, pool=256)
 QUICK = dict(trials=2, res=32, batch=2, steps=1, repeats=1, pool=16)
@@ -79,6 +87,16 @@ def device_info() -> dict[str, Any]:
           "count": jax.device_count(), "nproc": os.cpu_count(), "cpu_model": cpu_model}
 
 
+def peak_flops(device_kind: str, dtype: str, override_tflops: float | None = None) -> float | None:
+  """The device's dense peak FLOP/s for `dtype` (None when unknown, e.g. CPUs: pass --peak-tflops)."""
+  if override_tflops:
+    return override_tflops * 1e12
+  for name, peaks in PEAK_FLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peaks.get(dtype)
+  return None
+
+
 def bench_prior(model: str, conv_impls: Sequence[str], s: argparse.Namespace) -> dict[str, Prior]:
   """A from-scratch prior per conv implementation; they share one set of initial weights.
 
@@ -89,9 +107,21 @@ def bench_prior(model: str, conv_impls: Sequence[str], s: argparse.Namespace) ->
                          {"head": "dex", "preprocess": PREPROCESS}, s.res, 0)
   priors = {}
   for impl in conv_impls:
-    spec = {**base.spec, "backbone": {**base.spec["backbone"], "conv_impl": impl}}
+    backbone = {**base.spec["backbone"], "conv_impl": impl}
+    if s.dtype != "float32":
+      backbone["dtype"] = s.dtype
+    spec = {**base.spec, "backbone": backbone}
     priors[impl] = dataclasses.replace(base, spec=spec, model=build_model(spec))
   return priors
+
+
+def peak_device_bytes() -> int | None:
+  """Peak bytes in use on the first device since start (accelerators; None on CPU)."""
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # not implemented on every backend
+    return None
+  return stats.get("peak_bytes_in_use")
 
 
 class Setup:
@@ -104,6 +134,10 @@ class Setup:
                                                gamma=0.1, rules=CAFFE_VGG_RULES))
     self.optimizer = make_optimizer(optim_cfg, self.prior.variables["params"])
     step_cfg = trials_lib.StepConfig(s.batch, s.res)
+    self.conv_plan = None
+    if prior.spec["backbone"].get("conv_impl") == "auto":  # per-layer choice, measured like the engine does
+      self.conv_plan = conv_tuning.tune_model(prior.model, prior.variables, (s.batch, s.res, s.res, 3))
+    self.step = trials_lib.make_train_step(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
     self.chunk = trials_lib.make_train_chunk(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
     self.predict = trials_lib.make_predict(self.prior.model, "dex", self.prior.preprocess)
     rng = np.random.default_rng(0)
@@ -127,6 +161,41 @@ class Setup:
             jnp.asarray(self.orders[0, :1]), self.pool_images, self.pool_ages)
     return flops_of(jax.jit(self.chunk, donate_argnums=0).lower(*args).compile())
 
+  def memory(self) -> dict[str, Any]:
+    """The engine's per-trial memory estimate beside XLA's analysis of the compiled one-trial step."""
+    state = self.state(0)
+    est = memory_lib.estimate_trial_memory(self.prior.model, {"params": state.params,
+                                                              "batch_stats": state.batch_stats},
+                                           state.opt_state, self.s.batch, self.s.res)
+    args = (state, jnp.asarray(0, jnp.int32), self.hyper, jnp.asarray(self.orders[0, 0]), self.pool_images,
+            self.pool_ages)
+    xla = memory_lib.compiled_bytes(jax.jit(self.step, donate_argnums=0).lower(*args).compile())
+    return {"estimate_per_trial": est.to_dict(), "xla_one_trial_step_bytes": xla,
+            "shared_bytes": memory_lib.tree_bytes((self.pool_images, self.pool_ages))}
+
+  def time_sequential(self) -> dict[str, Any]:
+    """The baseline users write by hand: one jitted step per call, trials one after another, steps in Python."""
+    s = self.s
+    step = jax.jit(self.step, donate_argnums=0)
+    states = [jax.tree.map(jnp.copy, self.state(t)) for t in range(s.trials)]  # own buffers: the step donates
+    t0 = time.perf_counter()
+    states[0], _ = step(states[0], jnp.asarray(0, jnp.int32), self.hyper, jnp.asarray(self.orders[0, 0]),
+                        self.pool_images, self.pool_ages)
+    jax.block_until_ready(states[0])
+    first = time.perf_counter() - t0
+
+    def one_chunk(r: int) -> float:
+      t0 = time.perf_counter()
+      for t in range(s.trials):
+        for k in range(r * s.steps, (r + 1) * s.steps):
+          states[t], loss = step(states[t], jnp.asarray(k, jnp.int32), self.hyper, jnp.asarray(self.orders[t, k]),
+                                 self.pool_images, self.pool_ages)
+      jax.block_until_ready(states)
+      return time.perf_counter() - t0
+
+    chunks = [one_chunk(r) for r in range(1, s.repeats + 1)]
+    return {"first_call_s": first, "chunk_s": min(chunks), "chunk_s_all": chunks}
+
   def time_strategy(self, strategy: str) -> dict[str, Any]:
     """Compile seconds, then first-call and steady seconds of one chunk of `steps` steps over all trials."""
     s = self.s
@@ -144,9 +213,10 @@ class Setup:
     for size in sorted({sl.stop - sl.start for sl in groups}):
       g = next(i for i, sl in enumerate(groups) if sl.stop - sl.start == size)
       t0 = time.perf_counter()
-      runner._train.lower(states[g], jnp.asarray(0, jnp.int32), self.hyper, jnp.asarray(idx(g, 0)),
-                          self.pool_images, self.pool_ages).compile()
+      compiled = runner._train.lower(states[g], jnp.asarray(0, jnp.int32), self.hyper, jnp.asarray(idx(g, 0)),
+                                     self.pool_images, self.pool_ages).compile()
       compile_s += time.perf_counter() - t0
+      program_bytes = memory_lib.compiled_bytes(compiled)
 
     def one_chunk(r: int) -> float:
       t0 = time.perf_counter()
@@ -161,7 +231,7 @@ class Setup:
     first = one_chunk(0)
     chunks = [one_chunk(r) for r in range(1, s.repeats + 1)]
     return {"compile_s": compile_s, "first_call_s": first, "chunk_s": min(chunks), "chunk_s_all": chunks,
-            "groups": len(groups)}
+            "groups": len(groups), "program_bytes": program_bytes, "peak_device_bytes": peak_device_bytes()}
 
 
 def torch_vgg(width: float, fc_dim: int, res: int, num_classes: int = 101) -> Any:
@@ -195,9 +265,11 @@ def torch_model(spec: dict[str, Any], res: int) -> Any:
 
 
 def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, Any]:
-  """A plain PyTorch CPU loop over the same T trials one after another: SGD momentum 0.9, softmax CE.
+  """A plain PyTorch loop over the same T trials one after another: SGD momentum 0.9, softmax CE.
 
-  Timed at each of `s.torch_threads` intra-op thread counts (all cores, and one: on a shared machine a
+  On a CUDA device (when torch sees one and the JAX backend is a GPU) the models are channels-last and,
+  with `--dtype bfloat16`, the forward runs under bf16 autocast: the fair fast PyTorch recipe. On CPU it is
+  timed at each of `s.torch_threads` intra-op thread counts (all cores, and one: on a shared machine a
   second OpenMP thread can cost more than it brings); `images_per_s` is the best of them."""
   # Busy-waiting OpenMP threads collapse (100x here) when another process holds a core; libgomp reads
   # this when torch loads it, so it only takes effect if torch was not imported yet.
@@ -205,19 +277,24 @@ def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, An
   import torch
 
   torch.manual_seed(0)
+  cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+  device = torch.device("cuda" if cuda else "cpu")
+  layout = torch.channels_last if cuda else torch.contiguous_format
+  autocast = cuda and s.dtype == "bfloat16"
   rng = np.random.default_rng(0)
-  pool = torch.from_numpy(rng.integers(0, 256, (s.pool, 3, s.res, s.res), dtype=np.uint8))
-  labels = torch.from_numpy(rng.integers(0, 101, s.pool))
-  mean = torch.tensor(PREPROCESS["mean"]).view(1, 3, 1, 1)
+  pool = torch.from_numpy(rng.integers(0, 256, (s.pool, 3, s.res, s.res), dtype=np.uint8)).to(device)
+  labels = torch.from_numpy(rng.integers(0, 101, s.pool)).to(device)
+  mean = torch.tensor(PREPROCESS["mean"]).view(1, 3, 1, 1).to(device)
   orders = np.stack([trials_lib.sample_order(np.arange(s.pool), s.steps * (s.repeats + 1), s.batch, t)
                      for t in range(s.trials)])
 
   def run_trial(model: Any, opt: Any, order: np.ndarray) -> None:
     model.train()
     for idx in order:
-      idx = torch.from_numpy(idx).long()
-      x = pool[idx].float() - mean
-      loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+      idx = torch.from_numpy(idx).long().to(device)
+      x = (pool[idx].float() - mean).contiguous(memory_format=layout)
+      with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), labels[idx])
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -228,21 +305,25 @@ def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, An
     t0 = time.perf_counter()
     for t, (model, opt) in enumerate(trials):
       run_trial(model, opt, orders[t, r * s.steps:(r + 1) * s.steps])
+    if cuda:
+      torch.cuda.synchronize()
     return time.perf_counter() - t0
 
   trials = []
   for _ in range(s.trials):
-    model = torch_model(spec, s.res)
+    model = torch_model(spec, s.res).to(device, memory_format=layout)
     trials.append((model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)))
   by_threads = {}
-  for threads in s.torch_threads:
-    torch.set_num_threads(threads)
+  for threads in [0] if cuda else s.torch_threads:
+    if threads:
+      torch.set_num_threads(threads)
     first = one_chunk(0)  # warm-up (allocator, oneDNN primitives)
     chunks = [one_chunk(r) for r in range(1, s.repeats + 1)]
     by_threads[str(threads)] = {"first_chunk_s": first, "chunk_s": min(chunks), "chunk_s_all": chunks,
                                 "images_per_s": s.trials * s.steps * s.batch / min(chunks)}
   best = max(by_threads, key=lambda k: by_threads[k]["images_per_s"])
-  return {"version": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+  return {"version": torch.__version__, "device": str(device), "channels_last": cuda, "autocast_bf16": autocast,
+          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
           "model": type(trials[0][0]).__name__, "params": sum(p.numel() for p in trials[0][0].parameters()),
           "by_threads": by_threads, "threads": int(best), "chunk_s": by_threads[best]["chunk_s"],
           "images_per_s": by_threads[best]["images_per_s"]}
@@ -251,12 +332,22 @@ def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, An
 def run(s: argparse.Namespace) -> dict[str, Any]:
   """Runs the benchmark described by parsed arguments; returns the JSON-ready report."""
   images_per_chunk = s.trials * s.steps * s.batch
-  results, flops = [], {}
-  priors = bench_prior(s.model, s.conv_impls, s)
-  for impl in s.conv_impls:
+  results, flops, plans = [], {}, {}
+  impls = list(dict.fromkeys([*s.conv_impls, *(["lax"] if s.sequential else [])]))
+  priors = bench_prior(s.model, impls, s)
+  peak = peak_flops(jax.devices()[0].device_kind, s.dtype, s.peak_tflops)
+  sequential, memory = None, None
+  for impl in impls:
     setup = Setup(priors[impl], s)
+    plans[impl] = setup.conv_plan
+    if memory is None:
+      memory = setup.memory()
     impl_results = []
-    for strategy in s.strategies:
+    if impl == "lax" and s.sequential:
+      sequential = {"strategy": "sequential", "conv_impl": "lax", **setup.time_sequential()}
+      sequential["images_per_s"] = images_per_chunk / sequential["chunk_s"]
+      print(f"[bench] sequential steps {sequential['images_per_s']:9.1f} images/s", file=sys.stderr, flush=True)
+    for strategy in s.strategies if impl in s.conv_impls else ():
       entry: dict[str, Any] = {"strategy": strategy, "conv_impl": impl}
       try:
         entry.update(setup.time_strategy(strategy))
@@ -266,13 +357,15 @@ def run(s: argparse.Namespace) -> dict[str, Any]:
         continue
       entry["images_per_s"] = images_per_chunk / entry["chunk_s"]
       impl_results.append(entry)
-      print(f"[bench] {strategy:5s} {impl:8s} {entry['images_per_s']:9.1f} images/s  "
+      print(f"[bench] {strategy:5s} {impl:9s} {entry['images_per_s']:9.1f} images/s  "
             f"compile {entry['compile_s']:.1f} s", file=sys.stderr, flush=True)
     flops[impl] = setup.flops_per_step()  # after the strategies: with --steps 1 it reuses the 'loop' program
-    for entry in impl_results:
+    for entry in impl_results + ([sequential] if sequential and impl == "lax" else []):
       if "images_per_s" in entry:
         entry["flops_per_step"] = flops[impl]
-        entry["achieved_flops_per_s"] = flops[impl] * s.trials * s.steps / entry["chunk_s"] if flops[impl] else None
+        achieved = flops[impl] * s.trials * s.steps / entry["chunk_s"] if flops[impl] else None
+        entry["achieved_flops_per_s"] = achieved
+        entry["mfu"] = achieved / peak if achieved and peak else None
     results += impl_results
     del setup
 
@@ -281,6 +374,9 @@ def run(s: argparse.Namespace) -> dict[str, Any]:
   for r in ok:
     r["speedup_vs_loop_lax"] = r["images_per_s"] / base if base else None
   best = max(ok, key=lambda r: r["images_per_s"]) if ok else None
+  # What the engine runs by default: the per-layer 'auto' plan and the fastest strategy on it.
+  auto_rows = [r for r in ok if r["conv_impl"] == "auto"]
+  chosen = max(auto_rows, key=lambda r: r["images_per_s"]) if auto_rows else best
 
   torch_result, ratio = None, None
   if s.torch:
@@ -291,6 +387,7 @@ def run(s: argparse.Namespace) -> dict[str, Any]:
       torch_result = {"error": f"torch not importable: {e}"}
     if best and "images_per_s" in torch_result:
       ratio = best["images_per_s"] / torch_result["images_per_s"]
+  torch_ips = (torch_result or {}).get("images_per_s")
 
   import flax
   import jaxlib
@@ -303,12 +400,21 @@ def run(s: argparse.Namespace) -> dict[str, Any]:
                    "trials": s.trials, "res": s.res, "crop": s.res, "batch": s.batch, "steps_per_chunk": s.steps,
                    "repeats": s.repeats, "pool": s.pool, "trial_chunk": s.trial_chunk,
                    "strategies": list(s.strategies), "conv_impls": list(s.conv_impls),
-                   "images_per_chunk": images_per_chunk, "optimizer": "caffe_sgd momentum 0.9, VGG lr rules"},
+                   "images_per_chunk": images_per_chunk, "optimizer": "caffe_sgd momentum 0.9, VGG lr rules",
+                   "dtype": s.dtype},
       "flops_per_step": flops,
       "results": results,
       "best": {k: best[k] for k in ("strategy", "conv_impl", "images_per_s")} if best else None,
+      "chosen": {k: chosen[k] for k in ("strategy", "conv_impl", "images_per_s")} if chosen else None,
+      "conv_plans": {impl: plan for impl, plan in plans.items() if plan},
+      "sequential": sequential,
+      "memory": memory,
+      "peak_flops_per_s": peak,
       "torch": torch_result,
       "ratio_best_jax_vs_torch": ratio,
+      "ratio_chosen_vs_torch": chosen["images_per_s"] / torch_ips if chosen and torch_ips else None,
+      "ratio_chosen_vs_sequential": (chosen["images_per_s"] / sequential["images_per_s"]
+                                     if chosen and sequential else None),
   }
 
 
@@ -347,6 +453,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                   help="also time a PyTorch loop over the same trials (when torch is importable)")
   ap.add_argument("--torch-threads", type=_ints, default=None,
                   help="comma list of torch intra-op thread counts to time (default: all cores and 1)")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="compute dtype (bfloat16: bf16 compute, float32 master weights)")
+  ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                  help="also time the hand-written baseline: one jitted step per call, trials one by one")
+  ap.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (known GPUs/TPUs are built in)")
   ap.add_argument("--out", help="also write the JSON here")
   s = ap.parse_args(argv)
   for key, value in (QUICK if s.quick else DEFAULTS).items():

@@ -73,22 +73,114 @@ def base_config() -> ml_collections.ConfigDict:
       head="dex", preprocess=dict(channel_order="BGR", scale=255.0, mean=(104.0, 117.0, 123.0),
                                   std=(1.0, 1.0, 1.0), resize=256, crop=224)))
   c.priors = []
-  c.sizes = []
+  c.sizes = ()  # a tuple of (n, trials, stepsize, max_iter), so --config.sizes=... can replace it
   c.steps_scale = 1.0
   c.min_steps = 1
   c.batch_size = 10
   c.optim = ml_collections.ConfigDict(dict(
       name="caffe_sgd", base_lr=1e-4, momentum=0.9, weight_decay=5e-4, gamma=0.1, rules=CAFFE_VGG_RULES))
+  # conv_impl: 'auto' (per-layer choice by measurement, agejax.models.conv_tuning), 'lax', 'canonical',
+  # 'patches', or 'spec' (whatever the prior's model spec says). compute_dtype: 'float32' or 'bfloat16'
+  # (bf16 compute, float32 master weights). memory_budget_gb: 0 = the device's memory; trials that do not
+  # fit it together are trained in chunks (agejax.engine.memory).
   c.trials = ml_collections.ConfigDict(dict(parallel="auto", trial_chunk=0, chunk_steps=50,
-                                            auto_candidates=("vmap", "map", "loop")))
+                                            auto_candidates=("vmap", "map", "loop"), conv_impl="auto",
+                                            compute_dtype="float32", memory_budget_gb=0.0))
+  # Devices (agejax.parallel.sharding): 'trial' axis size (0 = all devices when a group has that many trials)
+  # x 'data' (splits each trial's batch). Checkpoints inside a size (agejax.engine.checkpoint, workdir/ckpt/):
+  # every `every_chunks` chunks and at group ends, the last `keep` kept.
+  c.mesh = ml_collections.ConfigDict(dict(trial=0, data=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(enabled=True, every_chunks=10, keep=2, async_save=True))
   c.eval_batch_size = 64
   c.eval_size_zero = True
   c.save_trials = "best_median"
   c.progress = True
   c.log_trial_losses = True
+  c.diagnostics = True  # WORKDIR/diagnostics: split and resampled-source histograms, duplicates
   return c
 
 
 def tiny_vgg(width: float = 1 / 16, fc_dim: int = 64, conv_impl: str = "lax") -> dict[str, Any]:
   """A VGG-16 with every layer narrowed, for CPU runs and tests."""
   return dict(arch="vgg16", head="dex", backbone=dict(width=width, fc_dim=fc_dim, conv_impl=conv_impl))
+
+
+# Adam lr multipliers for fine-tuning a pretrained backbone: the head learns 10x faster than the backbone.
+HEAD_X10_RULES = ((r"^head/", 10.0, 1.0), (".*", 1.0, 1.0))
+
+
+def transfer_config() -> ml_collections.ConfigDict:
+  """Fields every transfer-study config has (PROTOCOL.md §5 defaults; agejax/experiments/transfer.py)."""
+  c = ml_collections.ConfigDict()
+  c.study = "transfer"
+  c.title = "Transfer learning: frozen vs full fine-tuning"
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      name="synthetic", root="", resize=256, crop=256, mirror=True, random_crop=False, policy="skip", cache_dir="",
+      test_size=0, test_fraction=0.2, val_size=0, val_fraction=0.25, train_size=0, dedupe=True, rotation_angles=(),
+      pool_limit=0, max_records=0, select={}, reader_options={}))
+  c.backbones = []
+  c.modes = ("frozen", "full")
+  c.model = ml_collections.ConfigDict(dict(
+      head="regression", regression_hidden=(512, 128), init_age=35.0,
+      preprocess=dict(channel_order="RGB", scale=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))))
+  c.optim = ml_collections.ConfigDict(dict(name="adam", base_lr=1e-3, gamma=0.1, weight_decay=0.0,
+                                           rules=((".*", 1.0, 1.0),)))
+  c.lr = ml_collections.ConfigDict(dict(frozen=1e-3, full=1e-4))  # Adam's base_lr per mode
+  c.epochs = 10
+  c.lr_decay_epochs = 4  # lr x optim.gamma every this many epochs (0: constant)
+  c.patience = 0  # stop after this many epochs without a better validation MAE (0: run all epochs)
+  c.batch_size = 32
+  c.eval_batch_size = 64
+  c.progress = True
+  c.diagnostics = True
+  c.diagnostics_options = ml_collections.ConfigDict(dict(gross=40.0, band=(15.0, 20.0), near=True))
+  return c
+
+
+# IMDB as the paper used it for imposing distributions (PROTOCOL.md §4): every IMDB face crop with an age in
+# 0..100 (no face-score filter), split 80% train / 10% validation / 10% test.
+IMDB_ALL_READER = dict(face_score_min=None, require_single_face=False, require_gender=False, min_age=0, max_age=100)
+
+
+def source_data(name: str, root: str, **fields: Any) -> dict[str, Any]:
+  """A pre-training source's `data` section; fields a target's config.data may hold are reset to neutral values."""
+  return dict(name=name, root=root, rotation_angles=(), use_dataset_split=False, select={}, pool_limit=0,
+              max_records=0, test_size=0, test_fraction=0.1, reader_options={}) | fields
+
+
+def impose_stage(source: dict[str, Any], mode: str | None, total: int = 0, multiple: float = 1.0,
+                 stop: str = "converge", epochs: float = 10.0, **fields: Any) -> dict[str, Any]:
+  """A `pretrain` section that trains on `source` resampled to `mode` (None: the source as is), see pretrain.py."""
+  stage = dict(data=source, stop=stop, epochs=epochs, patience=3, val_fraction=0.1) | fields
+  if mode is not None:
+    stage["distribution"] = dict(mode=mode, total=total, multiple=multiple)
+  return stage
+
+
+def imposed_dex_priors(dex: str, imdb: str, target: str, solver: dict[str, Any] | None = None) -> list[dict]:
+  """The paper's imposed-distribution columns (Tables 1-2): DEX further trained on IMDB resampled to the uniform
+  distribution (eq. 2, 4 N samples, one epoch at lr 1e-5), as it is (to convergence) and to the target's
+  distribution (eq. 3, 4 N samples, to convergence). Convergence = early stopping on 10% of IMDB held out."""
+  source = source_data("imdb_wiki", imdb, test_fraction=0.1, reader_options=IMDB_ALL_READER)
+  solver = dict(solver or {})
+  uniform_solver = solver | {"base_lr": 1e-5} if solver else {}
+  stages = (("imdb-uniform", impose_stage(source, "uniform", multiple=4.0, stop="fixed", epochs=1.0,
+                                          **({"optim": uniform_solver} if uniform_solver else {}))),
+            ("imdb-original", impose_stage(source, None, val_fraction=1 / 9, **({"optim": solver} if solver else {}))),
+            (f"imdb-{target}-matched", impose_stage(source, "matched", multiple=4.0, val_fraction=1 / 9,
+                                                    **({"optim": solver} if solver else {}))))
+  return [dict(name=name, dir=dex, head="keep", pretrain=stage | {"head": "keep"}) for name, stage in stages]
+
+
+def sample_size_priors(start_dir: str, source: dict[str, Any], target: str, sizes: tuple[int, ...],
+                       batch_size: int, **stage: Any) -> list[dict]:
+  """The paper's Tables 3-4 columns: the start prior with the target distribution imposed from `sizes` source
+  samples each (0 = all of the source's training part, drawn 4x as in eq. 3), trained to convergence."""
+  out = []
+  for n in sizes:
+    every = max(10, n // batch_size) if n else 0  # validate at least every 10 steps on small draws
+    section = impose_stage(source, "matched", total=n, multiple=4.0 if not n else 1.0, eval_every=every,
+                           batch_size=batch_size, head="keep", **stage)
+    out.append(dict(name=f"{target}-matched-{n if n else 'all'}", dir=start_dir, head="keep", pretrain=section))
+  return out

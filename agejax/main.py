@@ -2,6 +2,8 @@
 
   python -m agejax.main --config configs/demo.py --workdir /tmp/agejax_demo
   python -m agejax.main --config configs/utkface.py:runlocal --workdir /tmp/utk --config.seed=1
+
+Exit status: 0 done, 1 a clear error (logged), 75 stopped by SIGTERM after a checkpoint (rerun to continue).
 """
 
 import logging
@@ -18,6 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 STUDIES = {
     "learning_curve": "agejax.experiments.learning_curve",
+    "transfer": "agejax.experiments.transfer",
 }
 
 
@@ -32,12 +35,15 @@ def run_config(config, workdir: str):
 
 
 def enable_compilation_cache() -> None:
-  """Persists compiled XLA programs (`$AGEJAX_CACHE/xla`), so a rerun does not compile again."""
+  """Persists compiled XLA programs (`$AGEJAX_CACHE/xla`), so a rerun does not compile again.
+
+  Programs that compiled faster than `$AGEJAX_CACHE_MIN_COMPILE_S` seconds (default 1) are not kept."""
   import jax
 
   root = os.environ.get("AGEJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "agejax"))
   jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ.get("AGEJAX_CACHE_MIN_COMPILE_S", "1.0")))
 
 
 def main(argv: list[str]) -> None:
@@ -52,9 +58,19 @@ def main(argv: list[str]) -> None:
   except ImportError:
     pass
   enable_compilation_cache()
+  import jax
+
+  from agejax.engine.checkpoint import EXIT_PREEMPTED, Preempted, StopOnSignal
+
+  if jax.process_index() != 0:  # process 0 logs; the others only warn
+    logging.getLogger().setLevel(logging.WARNING)
   workdir = os.path.abspath(_WORKDIR.value)
   try:
-    run_config(_CONFIG.value, workdir)
+    with StopOnSignal():  # SIGTERM: checkpoint at the next chunk boundary, then exit EXIT_PREEMPTED
+      run_config(_CONFIG.value, workdir)
+  except Preempted as e:
+    logging.warning("%s", e)
+    raise SystemExit(EXIT_PREEMPTED) from e
   except AgejaxError as e:
     logging.error("%s: %s", type(e).__name__, e)
     raise SystemExit(1) from e

@@ -8,6 +8,9 @@ softmax head learns too slowly from scratch for a 2-minute demo); 32 trials at t
 
   python -m agejax.main --config configs/demo.py --workdir /tmp/agejax_demo
   python -m agejax.main --config configs/demo.py:quick --workdir /tmp/agejax_demo_quick   # tests
+  python -m agejax.main --config configs/demo.py:quick,tiny --workdir /tmp/t   # engine tests: one prior, seconds
+
+`sizes` is a tuple, so the command line can replace it: --config.sizes='((3, 4, 4, 6), (6, 4, 4, 6))'.
 """
 
 import ml_collections
@@ -16,7 +19,7 @@ from agejax.configs import base_config, parse_arg, tiny_vgg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = parse_arg(arg, res=32, quick=False)
+  a = parse_arg(arg, res=32, quick=False, tiny=False)
   c = base_config()
   c.title = "Demo: few-shot learning curve on synthetic images"
   c.data.update(name="synthetic", resize=a.res + a.res // 4, crop=a.res, pool_size=300, test_size=200, skew=0.0)
@@ -40,4 +43,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.min_steps = 4
   c.trials.chunk_steps = 20
   c.eval_batch_size = 100
+  if a.tiny:  # the scratch prior alone, a narrower network, a small pool: for tests of the trial engine
+    c.data.update(pool_size=60, test_size=40)
+    c.priors = [dict(name="scratch", model=dict(tiny_vgg(width=1 / 32, fc_dim=16), head="regression"), head="new")]
+    c.sizes = [(3, 4, 4, 6), (6, 4, 4, 6)]
+    c.steps_scale, c.min_steps = 1.0, 1
+    c.trials.update(parallel="vmap", conv_impl="lax", chunk_steps=2)
+    c.eval_size_zero, c.diagnostics, c.log_trial_losses = False, False, False
+    c.eval_batch_size = 40
   return c

@@ -23,7 +23,8 @@ def test_quick_bench_json(tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
          "PYTHONPATH": REPO}
   proc = subprocess.run([sys.executable, "-m", "agejax.bench", "--quick", "--no-torch", "--conv-impls", "lax",
-                         "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                         "--out", str(out)], cwd=REPO, env={**env, "AGEJAX_CACHE": str(tmp_path / "cache")},
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert json.loads(proc.stdout) == report  # the same object on stdout and in --out
@@ -52,6 +53,19 @@ def test_quick_bench_json(tmp_path):
           r["flops_per_step"] * settings["trials"] * settings["steps_per_chunk"] / r["chunk_s"], rel=1e-9)
   assert base["speedup_vs_loop_lax"] == pytest.approx(1.0)
   assert report["best"]["images_per_s"] == max(r["images_per_s"] for r in results)
+  # No 'auto' row: the chosen combination is the best one; the hand-written sequential baseline is timed.
+  assert report["chosen"] == report["best"]
+  seq = report["sequential"]
+  assert seq["strategy"] == "sequential" and _positive(seq["images_per_s"])
+  assert seq["images_per_s"] == pytest.approx(images / seq["chunk_s"], rel=1e-9)
+  assert report["ratio_chosen_vs_sequential"] == pytest.approx(report["chosen"]["images_per_s"] / seq["images_per_s"])
+  mem = report["memory"]
+  est = mem["estimate_per_trial"]
+  assert est["total"] == sum(est[k] for k in ("params", "grads", "optimizer", "batch_stats", "activations"))
+  assert est["params"] > 0 and est["activations"] > 0
+  if mem["xla_one_trial_step_bytes"]:  # the estimate is within a small factor of XLA's own analysis
+    assert 0.2 < est["total"] / mem["xla_one_trial_step_bytes"] < 5
+  assert report["peak_flops_per_s"] is None  # unknown for a CPU unless --peak-tflops is given
 
 
 def test_flops_of_handles_backend_shapes():
@@ -73,9 +87,17 @@ def test_flops_of_handles_backend_shapes():
 def test_parse_args_defaults_and_quick():
   s = bench.parse_args([])
   assert (s.model, s.trials, s.res, s.batch) == ("vgg16_tiny", 32, 64, 8)
-  assert s.strategies == ["vmap", "map", "loop"] and s.conv_impls == ["lax", "patches"] and s.torch
+  assert s.strategies == ["vmap", "map", "loop"] and s.conv_impls == ["auto", "lax", "canonical", "patches"]
+  assert s.torch and s.sequential and s.dtype == "float32"
   q = bench.parse_args(["--quick", "--trials", "3", "--strategies", "loop,vmap", "--torch-threads", "2,1"])
   assert q.trials == 3 and q.steps == bench.QUICK["steps"] and q.strategies == ["loop", "vmap"]
   assert q.torch_threads == [2, 1]
   with pytest.raises(SystemExit):
     bench.parse_args(["--strategies", "pmap"])
+
+
+def test_peak_flops_table():
+  assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert bench.peak_flops("NVIDIA H200", "float32") == 67e12
+  assert bench.peak_flops("cpu", "float32") is None
+  assert bench.peak_flops("cpu", "float32", override_tflops=2.0) == 2e12

@@ -17,6 +17,7 @@ Strategies for the trial axis (`parallel`):
   'auto'  measures the three on the real shapes, caches and logs the fastest.
 """
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -30,9 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from agejax.models.heads import age_loss, predict_age
 from agejax.models.pretrained import Preprocess
+from agejax.parallel import sharding as sharding_lib
 
 STRATEGIES = ("vmap", "map", "loop")
 
@@ -103,13 +107,10 @@ class Hyper(NamedTuple):
   max_iter: jax.Array
 
 
-def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: Any,
-                     cfg: StepConfig) -> Callable[..., tuple[TrialState, jax.Array]]:
-  """`chunk(state, step0, hyper, batch_idx[K, B], pool_images, pool_ages) -> (state, losses[K])` for ONE trial.
-
-  Steps at or past `hyper.max_iter` leave the state unchanged (loss reported as 0), so the last chunk of
-  a size may be partial without another compilation.
-  """
+def make_train_step(model: Any, head: str, preprocess: Preprocess, optimizer: Any,
+                    cfg: StepConfig) -> Callable[..., tuple[TrialState, jax.Array]]:
+  """`step(state, step, hyper, batch_idx[B], pool_images, pool_ages) -> (state, loss)`: one optimiser step
+  of ONE trial: gather its batch from the uint8 pool, crop/mirror, preprocess, forward, backward, update."""
 
   def loss_fn(params, batch_stats, x, ages, dropout_key):
     variables = _variables(params, batch_stats)
@@ -118,7 +119,7 @@ def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: A
       batch_stats = updated["batch_stats"]
     else:
       out = model.apply(variables, x, train=True, rngs={"dropout": dropout_key})
-    return age_loss(out, ages, head).mean(), batch_stats
+    return age_loss(out.astype(jnp.float32), ages, head).mean(), batch_stats
 
   def step_fn(state: TrialState, step, hyper, idx, pool_images, pool_ages):
     k_aug, k_drop = jax.random.split(jax.random.fold_in(state.key, step))
@@ -127,6 +128,18 @@ def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: A
         state.params, state.batch_stats, preprocess(images), pool_ages[idx], k_drop)
     params, opt_state = optimizer.update(grads, state.opt_state, state.params, step, hyper.stepsize)
     return TrialState(params, batch_stats, opt_state, state.key), loss
+
+  return step_fn
+
+
+def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: Any,
+                     cfg: StepConfig) -> Callable[..., tuple[TrialState, jax.Array]]:
+  """`chunk(state, step0, hyper, batch_idx[K, B], pool_images, pool_ages) -> (state, losses[K])` for ONE trial.
+
+  Steps at or past `hyper.max_iter` leave the state unchanged (loss reported as 0), so the last chunk of
+  a size may be partial without another compilation.
+  """
+  step_fn = make_train_step(model, head, preprocess, optimizer, cfg)
 
   def chunk(state, step0, hyper, batch_idx, pool_images, pool_ages):
     def body(st, xs):
@@ -145,7 +158,7 @@ def make_predict(model: Any, head: str, preprocess: Preprocess) -> Callable[[Any
 
   def predict(params, batch_stats, images):
     out = model.apply(_variables(params, batch_stats), preprocess(images), train=False)
-    return predict_age(out, head)
+    return predict_age(out.astype(jnp.float32), head)
 
   return predict
 
@@ -169,71 +182,197 @@ class TrialRunner:
   'loop' groups hold one unstacked trial; 'vmap' groups stack `trial_chunk` trials (all by default);
   'map' puts all trials through one `lax.map` program (`trial_chunk` vectorised at a time). Only one
   group's state is alive at a time, which bounds memory for large models.
+
+  With a `mesh` config (`agejax.parallel.sharding.MeshConfig`), 'vmap' and 'map' groups that get a mesh
+  of several devices are stacked straight into global arrays sharded along the 'trial' axis (padded with
+  copies of the last trial to a multiple of its size; the copies are dropped from every output), each
+  trial's batch indices are split over the 'data' axis, and pool and test images are replicated.
+  `trace_counts[(strategy, group size)]` counts how often the chunk program was traced.
   """
 
-  def __init__(self, chunk_fn: Callable, predict_fn: Callable, strategy: str, trial_chunk: int = 0):
+  def __init__(self, chunk_fn: Callable, predict_fn: Callable, strategy: str, trial_chunk: int = 0,
+               mesh: Any = None):
     if strategy not in STRATEGIES:
       raise ValueError(f"unknown trials.parallel {strategy!r}; expected one of {STRATEGIES} or 'auto'")
     self.strategy = strategy
     self.trial_chunk = trial_chunk
-    in_axes = (0, None, None, 0, None, None)
-    if strategy == "loop":
-      self._train = jax.jit(chunk_fn, donate_argnums=0)
-      self._predict = jax.jit(predict_fn)
-    elif strategy == "vmap":
-      self._train = jax.jit(jax.vmap(chunk_fn, in_axes=in_axes), donate_argnums=0)
-      self._predict = jax.jit(jax.vmap(predict_fn, in_axes=(0, 0, None)))
-    else:
-      batch = trial_chunk or None
+    self.mesh_config = mesh
+    self.trace_counts: collections.Counter[tuple[str, int]] = collections.Counter()
+    self._chunk_fn, self._predict_fn = chunk_fn, predict_fn
+    self._on_mesh: dict[Any, tuple[Callable, Callable]] = {}
+    self._placed: dict[tuple[int, Any], tuple[jax.Array, jax.Array]] = {}
+    self._sized: tuple[Any, int] | None = None  # (mesh, padded group size) of the size `slices` last split
+    self._executables: dict[Any, Any] = {}  # mesh programs, compiled ahead of time per argument layout
+    train, predict = self._programs(None)
+    self._train = jax.jit(train, donate_argnums=0)
+    self._predict = jax.jit(predict)
 
-      def mapped(states, step0, hyper, batch_idx, pool_images, pool_ages):
+  def set_mesh(self, mesh: Any) -> None:
+    """Sets the `MeshConfig` used by groups formed from now on (None: never shard)."""
+    self.mesh_config = mesh
+
+  def _count(self, state: TrialState) -> None:  # runs while tracing only
+    size = 1 if self.strategy == "loop" else jax.tree.leaves(state)[0].shape[0]
+    self.trace_counts[(self.strategy, size)] += 1
+
+  def _programs(self, mesh: Any) -> tuple[Callable, Callable]:
+    """The train and predict functions of this strategy (vmapped over the mesh's trial axis if `mesh`)."""
+    chunk_fn, predict_fn = self._chunk_fn, self._predict_fn
+    axis = "trial" if mesh is not None else None
+    if self.strategy == "loop":
+      train, predict = chunk_fn, predict_fn
+    elif self.strategy == "vmap":
+      train = jax.vmap(chunk_fn, in_axes=(0, None, None, 0, None, None), spmd_axis_name=axis)
+      predict = jax.vmap(predict_fn, in_axes=(0, 0, None), spmd_axis_name=axis)
+    else:
+      batch = self.trial_chunk or None
+
+      def train(states, step0, hyper, batch_idx, pool_images, pool_ages):
         return lax.map(lambda a: chunk_fn(a[0], step0, hyper, a[1], pool_images, pool_ages), (states, batch_idx),
                        batch_size=batch)
 
-      self._train = jax.jit(mapped, donate_argnums=0)
-      self._predict = jax.jit(
-          lambda p, b, x: lax.map(lambda a: predict_fn(a[0], a[1], x), (p, b), batch_size=batch))
+      def predict(p, b, x):
+        return lax.map(lambda a: predict_fn(a[0], a[1], x), (p, b), batch_size=batch)
+
+      if mesh is not None:  # each device maps over its own block of trials
+        train, predict = _map_per_device(train, predict, mesh.shape["trial"])
+
+    def counted(state, *args):
+      self._count(state)
+      return train(state, *args)
+
+    return counted, predict
+
+  def _mesh_programs(self, mesh: Any) -> tuple[Callable, Callable]:
+    if mesh not in self._on_mesh:
+      trials, replicated = NamedSharding(mesh, P("trial")), NamedSharding(mesh, P())
+      train, predict = self._programs(mesh)
+      self._on_mesh[mesh] = (jax.jit(train, donate_argnums=0, out_shardings=(trials, replicated)),
+                             jax.jit(predict, out_shardings=replicated))
+    return self._on_mesh[mesh]
+
+  def _group_mesh(self, group_trials: int) -> Any:
+    if self.strategy == "loop" or self.mesh_config is None:
+      return None
+    return sharding_lib.mesh_for_group(self.mesh_config, group_trials)
+
+  def _replicated(self, array: jax.Array, mesh: Any) -> jax.Array:
+    """`array` replicated over `mesh`, placed once per (array, mesh)."""
+    key = (id(array), mesh)
+    if key not in self._placed or self._placed[key][0] is not array:
+      if len(self._placed) >= 8:  # arrays of earlier studies
+        self._placed.clear()
+      self._placed[key] = (array, sharding_lib.to_global(array, NamedSharding(mesh, P())))
+    return self._placed[key][1]
+
+  def _layout(self, group_trials: int) -> tuple[Any, int]:
+    """(mesh or None, padded group size) for groups of up to `group_trials` trials."""
+    mesh = self._group_mesh(group_trials)
+    return mesh, group_trials if mesh is None else sharding_lib.round_up(group_trials, mesh.shape["trial"])
 
   def slices(self, num_trials: int) -> list[slice]:
-    """The groups of trials run together (one compiled program serves groups of one size)."""
+    """The groups of trials run together (one compiled program serves groups of one size).
+
+    With a mesh, every group of the size is padded to the first one's size, so they share one program."""
     if self.strategy == "loop":
       return _groups(num_trials, 1)
-    if self.strategy == "vmap":
-      return _groups(num_trials, self.trial_chunk or num_trials)
-    return [slice(0, num_trials)]
+    nominal = min(self.trial_chunk or num_trials, num_trials) if self.strategy == "vmap" else num_trials
+    self._sized = self._layout(nominal)
+    return _groups(num_trials, self._sized[1])
 
   def group(self, states: Sequence[TrialState]) -> TrialState:
-    """One group's state from its trials' states (stacked unless 'loop')."""
+    """One group's state from its trials' states (stacked unless 'loop'; sharded if the group gets a mesh)."""
     if self.strategy == "loop":  # own copy: the step donates its state, and trials share the prior's buffers
       return jax.tree.map(jnp.copy, states[0])
-    return stack_trees(states)
+    layout = self._sized
+    mesh, size = layout if layout and layout[0] is not None and len(states) <= layout[1] else self._layout(len(states))
+    if mesh is None:
+      return stack_trees(states)
+    return sharding_lib.stack_to_global(states, NamedSharding(mesh, P("trial")), size)
 
   def ungroup(self, state: TrialState, size: int) -> list[TrialState]:
-    return [state] if self.strategy == "loop" else unstack_tree(state, size)
+    """The first `size` trials of a group (padding dropped); gathered to the host if sharded over processes.
+
+    With several processes and a sharded group, every process must call it."""
+    if self.strategy == "loop":
+      return [state]
+    if not all(x.is_fully_addressable for x in jax.tree.leaves(state)):
+      state = sharding_lib.to_host(state)
+    return unstack_tree(state, size)
 
   def train(self, state: TrialState, batch_idx: np.ndarray, step0: int, hyper: Hyper, pool_images: jax.Array,
             pool_ages: jax.Array) -> tuple[TrialState, np.ndarray]:
     """Advances one group by one chunk of steps; `batch_idx` is (group, K, B) (or (K, B) for 'loop').
 
-    Returns the new state and the losses (group size, K)."""
-    state, loss = self._train(state, jnp.asarray(step0, jnp.int32), hyper, jnp.asarray(batch_idx), pool_images,
-                              pool_ages)
-    loss = np.asarray(loss)
-    return state, (loss[None] if self.strategy == "loop" else loss)
+    Returns the new state and the losses (group size, K) of the trials in `batch_idx` (padding dropped)."""
+    mesh = None if self.strategy == "loop" else sharding_lib.mesh_of(state)
+    if mesh is None:
+      state, loss = self._train(state, jnp.asarray(step0, jnp.int32), hyper, jnp.asarray(batch_idx), pool_images,
+                                pool_ages)
+      loss = np.asarray(loss)
+      return state, (loss[None] if self.strategy == "loop" else loss)
+    rows = len(batch_idx)
+    idx = _pad_rows(np.asarray(batch_idx, np.int32), jax.tree.leaves(state)[0].shape[0])
+    replicated = NamedSharding(mesh, P())
+    scalars = jax.tree.map(lambda x: sharding_lib.to_global(np.asarray(x), replicated), (np.int32(step0), hyper))
+    idx = sharding_lib.to_global(idx, NamedSharding(mesh, sharding_lib.index_spec(mesh, idx.shape[-1])))
+    train, _ = self._mesh_programs(mesh)
+    args = (state, *scalars, idx, self._replicated(pool_images, mesh), self._replicated(pool_ages, mesh))
+    state, loss = self._executable(train, args)(*args)
+    return state, np.asarray(loss)[:rows]
 
   def group_rows(self, array: np.ndarray, sl: slice) -> np.ndarray:
     """A group's slice of a per-trial array (the lone trial's row for 'loop')."""
     return array[sl.start] if self.strategy == "loop" else array[sl]
 
   def predict(self, state: TrialState, images: jax.Array) -> np.ndarray:
-    """Predicted ages (group size, N) on one batch of uint8 crops."""
-    out = np.asarray(self._predict(state.params, state.batch_stats, images))
-    return out[None] if self.strategy == "loop" else out
+    """Predicted ages (group size, N) on one batch of uint8 crops (a sharded group's padding included)."""
+    mesh = None if self.strategy == "loop" else sharding_lib.mesh_of(state)
+    if mesh is None:
+      out = np.asarray(self._predict(state.params, state.batch_stats, images))
+      return out[None] if self.strategy == "loop" else out
+    _, predict = self._mesh_programs(mesh)
+    args = (state.params, state.batch_stats, sharding_lib.to_global(images, NamedSharding(mesh, P())))
+    return np.asarray(self._executable(predict, args)(*args))
+
+  def _executable(self, jitted: Callable, args: tuple) -> Callable:
+    """`jitted` compiled for the layout of `args`, ahead of time; with several processes, they all finish
+    compiling before any runs it (its collectives would otherwise time out waiting for a slow compiler)."""
+    key = (jitted, tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(args)))
+    if key not in self._executables:
+      self._executables[key] = jitted.lower(*args).compile()
+      sharding_lib.barrier("compiled")
+    return self._executables[key]
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+  """`array` with copies of its last row appended up to `rows` rows."""
+  extra = rows - len(array)
+  return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)]) if extra > 0 else array
+
+
+def _map_per_device(train: Callable, predict: Callable, m: int) -> tuple[Callable, Callable]:
+  """'map' programs over a mesh: a vmap over the `m` devices of the trial axis of `lax.map` over each block."""
+
+  def over_devices(fn, *trial_args):
+    split = lambda x: x.reshape((m, x.shape[0] // m, *x.shape[1:]))  # noqa: E731
+    out = jax.vmap(fn, spmd_axis_name="trial")(*jax.tree.map(split, trial_args))
+    return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), out)
+
+  def train_blocks(states, step0, hyper, batch_idx, pool_images, pool_ages):
+    return over_devices(lambda s, b: train(s, step0, hyper, b, pool_images, pool_ages), states, batch_idx)
+
+  def predict_blocks(params, batch_stats, images):
+    return over_devices(lambda p, b: predict(p, b, images), params, batch_stats)
+
+  return train_blocks, predict_blocks
 
 
 def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, crop: int,
-             batch_size: int) -> np.ndarray:
-  """Predicted ages (group size, Q) of one group on the whole test set, in fixed-size padded batches."""
+             batch_size: int, size: int | None = None) -> np.ndarray:
+  """Predicted ages (group size, Q) of one group on the whole test set, in fixed-size padded batches.
+
+  `size` keeps the first `size` trials (drops a sharded group's padding)."""
   q = test_images.shape[0]
   preds = []
   for start in range(0, q, batch_size):
@@ -241,7 +380,7 @@ def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, cro
     n = batch.shape[0]
     if n < batch_size:  # pad so every batch has one shape and compiles once
       batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], batch_size - n, axis=0)])
-    preds.append(runner.predict(state, center_crop(batch, crop))[:, :n])
+    preds.append(runner.predict(state, center_crop(batch, crop))[:size, :n])
   return np.concatenate(preds, axis=1)
 
 

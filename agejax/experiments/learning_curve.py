@@ -3,10 +3,13 @@ T trials fine-tuned from the prior on disjoint random draws, evaluated on one fi
 
 Outputs in the workdir: results.csv (a row per trial), table.md, learning_curve.png, splits/ (every
 trial's training list), config.json, data_report.json, tb/ (TensorBoard), checkpoints/ (the best and
-median trial of each size as prior directories, usable by `agejax.predict`). A rerun of the same
-command skips the (prior, size) pairs already in results.csv.
+median trial of each size as prior directories, usable by `agejax.predict`), ckpt/ (checkpoints inside
+the size being trained, agejax.engine.checkpoint). A rerun of the same command skips the (prior, size)
+pairs already in results.csv and resumes an interrupted size from its latest checkpoint. Groups of trials
+are sharded over the devices of `config.mesh` (agejax.parallel.sharding).
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,13 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from agejax.engine import checkpoint as checkpoint_lib
+from agejax.engine import memory as memory_lib
 from agejax.engine import metrics as metrics_lib
 from agejax.engine import trials as trials_lib
 from agejax.engine.optim import make_optimizer
 from agejax.errors import ConfigError, TrainingError
 from agejax.experiments.priors import Prior, init_head, resolve_prior
 from agejax.experiments.study_data import StudyData, load_study_data
-from agejax.models.pretrained import save_pretrained
+from agejax.models import build_model, conv_tuning
+from agejax.models.pretrained import METADATA_FILE, save_pretrained
+from agejax.parallel import sharding as sharding_lib
 from agejax.reports import plots, tables
 from agejax.reports.tensorboard import Logger
 
@@ -76,15 +83,49 @@ def initial_state(prior: Prior, optimizer: Any, seed: int, image_size: int) -> t
   return trials_lib.TrialState(params, prior.variables.get("batch_stats", {}), optimizer.init(params), key)
 
 
+def with_engine_backbone(prior: Prior, conv_impl: str = "spec", compute_dtype: str = "spec") -> Prior:
+  """The prior with the engine's backbone settings: convolution implementation and compute dtype
+  ('bfloat16' computes in bf16 while parameters and optimiser state stay float32). 'spec' keeps the prior's."""
+  if conv_impl not in (*conv_tuning.IMPLS, "auto", "spec"):
+    raise ConfigError(f"config.trials.conv_impl={conv_impl!r}; expected 'auto', 'spec' or one of {conv_tuning.IMPLS}")
+  if compute_dtype not in ("spec", "float32", "bfloat16"):
+    raise ConfigError(f"config.trials.compute_dtype={compute_dtype!r}; expected 'spec', 'float32' or 'bfloat16'")
+  backbone = dict(prior.spec.get("backbone", {}))
+  if conv_impl != "spec":
+    backbone["conv_impl"] = conv_impl
+  if compute_dtype != "spec":
+    backbone["dtype"] = None if compute_dtype == "float32" else compute_dtype
+  if backbone == dict(prior.spec.get("backbone", {})):
+    return prior
+  spec = {**prior.spec, "backbone": backbone}
+  return dataclasses.replace(prior, spec=spec, model=build_model(spec))
+
+
 class PriorEngine:
   """Compiled pieces for one prior, shared by every size: optimiser, chunk and predict functions, runners."""
 
-  def __init__(self, cfg: Any, prior: Prior, chunk_steps: int):
+  def __init__(self, cfg: Any, prior: Prior, chunk_steps: int, shared_bytes: int = 0):
     self.cfg, self.prior, self.chunk_steps = cfg, prior, chunk_steps
+    if prior.spec.get("backbone", {}).get("conv_impl") == "auto" and jax.process_count() > 1:
+      # Processes must compile identical programs; per-process timings could disagree, so no measuring.
+      log.info("prior %s: several processes, convolutions use the %r fallback", prior.name, conv_tuning.FALLBACK)
+    elif prior.spec.get("backbone", {}).get("conv_impl") == "auto":
+      counts = conv_tuning.tune_model(prior.model, prior.variables, (cfg.batch_size, cfg.data.crop, cfg.data.crop, 3))
+      log.info("prior %s: convolution plan %s", prior.name, counts)
     self.optimizer = make_optimizer(cfg.optim, prior.variables["params"])
     self.step_cfg = trials_lib.StepConfig(cfg.batch_size, cfg.data.crop, mirror=cfg.data.get("mirror", True),
                                           random_crop=cfg.data.get("random_crop", True))
     self.trial_chunk = cfg.trials.get("trial_chunk", 0)
+    self.memory = memory_lib.estimate_trial_memory(prior.model, prior.variables,
+                                                   jax.eval_shape(self.optimizer.init, prior.variables["params"]),
+                                                   cfg.batch_size, cfg.data.crop)
+    budget = float(cfg.trials.get("memory_budget_gb", 0.0)) * 2**30 or memory_lib.device_memory_bytes()
+    if budget:
+      fit = memory_lib.trials_that_fit(self.memory, int(budget), shared_bytes)
+      if fit < (self.trial_chunk or 2**31):
+        log.info("prior %s: ~%.0f MB per trial, %d trials fit %.1f GB: trials vectorised %d at a time", prior.name,
+                 self.memory.total / 2**20, fit, budget / 2**30, fit)
+        self.trial_chunk = fit
     self.chunk_fn = trials_lib.make_train_chunk(prior.model, prior.head_kind(), prior.preprocess, self.optimizer,
                                                 self.step_cfg)
     self.predict_fn = trials_lib.make_predict(prior.model, prior.head_kind(), prior.preprocess)
@@ -119,6 +160,9 @@ class TrialKeeper:
     self.staged: dict[int, str] = {}
     self.used = 0
 
+  def stage_path(self, n: int, trial: int) -> str:
+    return os.path.join(self.root, f"n{n:05d}_staging", f"trial{trial:02d}")
+
   def keep(self, trial: int, n: int, state: trials_lib.TrialState) -> None:
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
     size = sum(x.nbytes for x in jax.tree.leaves(variables))
@@ -126,9 +170,24 @@ class TrialKeeper:
       self.held[trial] = jax.device_get(variables)
       self.used += size
     else:
-      path = os.path.join(self.root, f"n{n:05d}_staging", f"trial{trial:02d}")
+      path = self.stage_path(n, trial)
       save_pretrained(path, self.prior.spec, variables, self.prior.preprocess)
       self.staged[trial] = path
+
+  def persist(self, n: int) -> None:
+    """Stages the states held in memory on disk too, so a checkpoint of the size can resume without them."""
+    for trial, variables in self.held.items():
+      if trial not in self.staged:
+        self.staged[trial] = self.stage_path(n, trial)
+        save_pretrained(self.staged[trial], self.prior.spec, variables, self.prior.preprocess)
+
+  def adopt(self, n: int, trials: Any) -> bool:
+    """Takes the staged states of `trials` (finished before a checkpoint); False if any is missing."""
+    paths = {t: self.stage_path(n, t) for t in trials}
+    if not all(os.path.exists(os.path.join(p, METADATA_FILE)) for p in paths.values()):
+      return False
+    self.staged.update(paths)
+    return True
 
   def finish(self, n: int, rows: list[dict[str, Any]], which: str) -> None:
     import shutil
@@ -181,10 +240,12 @@ class Study:
   # -- one size --------------------------------------------------------------------------------------
   def engine_for(self, prior: Prior) -> "PriorEngine":
     """The compiled engine for a prior; priors of one architecture and preprocessing share it."""
+    prior = with_engine_backbone(prior, self.cfg.trials.get("conv_impl", "spec"),
+                                 self.cfg.trials.get("compute_dtype", "spec"))
     key = json.dumps([prior.spec, prior.preprocess.to_dict()], sort_keys=True, default=str)
     engines = self.__dict__.setdefault("_engines", {})
     if key not in engines:
-      engines[key] = PriorEngine(self.cfg, prior, self.chunk_steps)
+      engines[key] = PriorEngine(self.cfg, prior, self.chunk_steps, getattr(self, "shared_bytes", 0))
     engine = engines[key]
     engine.prior = prior
     return engine
@@ -204,20 +265,45 @@ class Study:
                    for t, s in enumerate(seeds)]
     hyper = trials_lib.Hyper(jnp.asarray(size["stepsize"], jnp.int32), jnp.asarray(max_iter, jnp.int32))
     make_states = lambda sl: [engine.initial_state(seeds[t]) for t in range(sl.start, sl.stop)]  # noqa: E731
-    runner = engine.runner(self.pick_strategy(engine, make_states, orders[:, :k], hyper, dev))
+    mesh = sharding_lib.MeshConfig.from_config(cfg)
+    for name in trials_lib.STRATEGIES:
+      engine.runner(name).set_mesh(mesh)
+    keeper = TrialKeeper(self.workdir, prior, cfg.get("keep_states_mb", 2048)) if self._saving() else None
+    ckpt = self.size_checkpoints(prior.name, size, k)
+    resume = self.resume_point(ckpt, keeper, engine, size) if ckpt else None
+    if resume:
+      strategy = resume["strategy"]
+    else:
+      strategy = sharding_lib.same_choice(self.pick_strategy(engine, make_states, orders[:, :k], hyper, dev),
+                                          trials_lib.STRATEGIES)
+    runner = engine.runner(strategy)
+    groups = runner.slices(num_trials)
 
     losses = np.zeros((num_trials, padded), np.float32)
     preds = np.zeros((num_trials, len(data.test_ages)), np.float32)
-    keeper = TrialKeeper(self.workdir, prior, cfg.get("keep_states_mb", 2048)) if self._saving() else None
+    start_group, chunks, train_wall = 0, 0, 0.0
+    if resume:
+      host = ckpt.restore_host(resume["step"], {"losses": losses, "preds": preds})
+      losses, preds = host["losses"], host["preds"]
+      start_group, chunks, train_wall = resume["group"], resume["step"], resume["train_wall"]
+      log.info("%s n=%d: resuming from checkpoint %d (group %d of %d, step %d) in %s", prior.name, n, chunks,
+               start_group + 1, len(groups), resume["next_step0"], ckpt.directory)
     bar = tqdm(total=max_iter * num_trials, desc=f"{prior.name} n={n} x{num_trials} [{runner.strategy}]",
                unit="step", disable=not self.is_main or not cfg.get("progress", True), leave=False)
+    if resume and start_group < len(groups):
+      current = groups[start_group]
+      bar.update(max_iter * current.start + resume["next_step0"] * (current.stop - current.start))
+    every = ckpt.config.every_chunks if ckpt else 0
     t0 = time.perf_counter()
-    train_wall = 0.0
-    for sl in runner.slices(num_trials):
+    for g in range(start_group, len(groups)):
+      sl = groups[g]
       state = runner.group(make_states(sl))
+      first = 0
+      if resume and g == start_group and resume["has_state"]:
+        state, first = ckpt.restore_state(resume["step"], state), resume["next_step0"]
       group_orders = runner.group_rows(orders, sl)
       t_train = time.perf_counter()
-      for step0 in range(0, max_iter, k):
+      for step0 in range(first, max_iter, k):
         chunk_idx = group_orders[..., step0:step0 + k, :]
         state, chunk_losses = runner.train(state, chunk_idx, step0, hyper, dev["pool_images"], dev["pool_ages"])
         losses[sl, step0:step0 + k] = chunk_losses
@@ -227,14 +313,37 @@ class Study:
           raise TrainingError(f"loss is {valid[t, s]} at prior {prior.name!r}, size {n}, trial {sl.start + t} "
                               f"(seed {seeds[sl.start + t]}), step {step0 + s}; lower optim.base_lr or check the data")
         bar.update(min(k, max_iter - step0) * (sl.stop - sl.start))
+        chunks += 1
+        if step0 + k >= max_iter:  # the group's last chunk: its end is saved below
+          break
+        stop = checkpoint_lib.stop_requested()
+        if ckpt and (stop or chunks % every == 0):
+          meta = dict(strategy=strategy, group=g, next_step0=step0 + k,
+                      train_wall=train_wall + time.perf_counter() - t_train)
+          ckpt.save(chunks, meta, {"losses": losses, "preds": preds}, state)
+        if stop:
+          self.stop_size(ckpt, prior.name, n, g, step0 + k)
       jax.block_until_ready(state)
       train_wall += time.perf_counter() - t_train
-      preds[sl] = trials_lib.evaluate(runner, state, dev["test_images"], cfg.data.crop, cfg.get("eval_batch_size", 64))
-      if keeper:
+      preds[sl] = trials_lib.evaluate(runner, state, dev["test_images"], cfg.data.crop,
+                                      cfg.get("eval_batch_size", 64), size=sl.stop - sl.start)
+      if cfg.get("save_trials", "best_median") != "none":  # every process: a sharded group is gathered
         for t, st in zip(range(sl.start, sl.stop), runner.ungroup(state, sl.stop - sl.start)):
-          keeper.keep(t, n, st)
+          if keeper:
+            keeper.keep(t, n, st)
       del state
+      if g + 1 < len(groups):  # the last group's results are written right after
+        stop = checkpoint_lib.stop_requested()
+        if ckpt:
+          if keeper:
+            keeper.persist(n)
+          ckpt.save(chunks, dict(strategy=strategy, group=g + 1, next_step0=0, train_wall=train_wall),
+                    {"losses": losses, "preds": preds})
+        if stop:
+          self.stop_size(ckpt, prior.name, n, g + 1, 0)
     bar.close()
+    if ckpt:
+      ckpt.close()
     wall = time.perf_counter() - t0
     losses = losses[:, :max_iter]
     self.log_losses(tb, prior.name, n, losses, k)
@@ -252,6 +361,61 @@ class Study:
     if keeper:
       keeper.finish(n, rows, self.cfg.get("save_trials", "best_median"))
     return rows
+
+  # -- checkpoints inside a size -----------------------------------------------------------------------
+  def checkpoint_dir(self, prior: str, n: int) -> str:
+    return os.path.join(self.workdir, "ckpt", prior, f"n{n:05d}")
+
+  def size_checkpoints(self, prior: str, size: Mapping[str, int],
+                       chunk_steps: int) -> "checkpoint_lib.SizeCheckpoints | None":
+    """The checkpoints of a size (None if `config.checkpoint.enabled` is off)."""
+    config = checkpoint_lib.CheckpointConfig.from_config(self.cfg)
+    if not config.enabled:
+      return None
+    mesh = sharding_lib.MeshConfig.from_config(self.cfg)
+    fingerprint = dict(prior=prior, **{k: int(v) for k, v in size.items()}, chunk_steps=chunk_steps,
+                       batch_size=int(self.cfg.batch_size), seed=int(self.cfg.seed), mesh=[mesh.trial, mesh.data],
+                       devices=jax.device_count(), processes=jax.process_count(),
+                       save_trials=self.cfg.get("save_trials", "best_median"))
+    return checkpoint_lib.SizeCheckpoints(self.checkpoint_dir(prior, size["n"]), config, fingerprint)
+
+  def resume_point(self, ckpt: "checkpoint_lib.SizeCheckpoints", keeper: "TrialKeeper | None", engine: "PriorEngine",
+                   size: Mapping[str, int]) -> dict[str, Any] | None:
+    """The latest usable checkpoint's metadata, or None to start the size over."""
+    meta = ckpt.latest()
+    if meta is None:
+      return None
+    groups = engine.runner(meta["strategy"]).slices(size["trials"])
+    finished = groups[meta["group"]].start if meta["group"] < len(groups) else size["trials"]
+    kept = keeper.adopt(size["n"], range(finished)) if keeper else True
+    if not sharding_lib.any_process(not kept):
+      return meta
+    log.warning("checkpoint %s: the final states of finished trials are missing: starting the size over",
+                ckpt.directory)
+    return None
+
+  def stop_size(self, ckpt: "checkpoint_lib.SizeCheckpoints | None", prior: str, n: int, group: int,
+                step: int) -> None:
+    """Ends the run on request (SIGTERM) once the checkpoint just saved is written."""
+    if ckpt:
+      ckpt.close()
+      where = f"checkpoint in {ckpt.directory}; rerun the same command to continue"
+    else:
+      where = "no checkpoint (config.checkpoint.enabled is off): the size starts over on a rerun"
+    raise checkpoint_lib.Preempted(f"stopped on request at prior {prior!r}, size {n}, group {group}, step {step}: "
+                                   f"{where}")
+
+  def check_stop(self, prior: str, size: Any) -> None:
+    """Ends the run on request between sizes (nothing to save: finished sizes are in results.csv)."""
+    if checkpoint_lib.stop_requested():
+      n = size if size == 0 else size["n"]
+      raise checkpoint_lib.Preempted(f"stopped on request before prior {prior!r}, size {n}; rerun the same command "
+                                     "to continue")
+
+  def clear_checkpoints(self, prior: str, n: int) -> None:
+    """Deletes a size's checkpoints once its rows are in results.csv."""
+    if n and checkpoint_lib.CheckpointConfig.from_config(self.cfg).enabled:
+      checkpoint_lib.remove_checkpoints(self.checkpoint_dir(prior, n))
 
   def _saving(self) -> bool:
     return self.is_main and self.cfg.get("save_trials", "best_median") != "none"
@@ -312,6 +476,7 @@ class Study:
         f.writelines(f"{name}\t{age:g}\n" for name, age in zip(data.test_names, data.test_ages))
     dev = {"pool_images": jnp.asarray(data.pool_images), "pool_ages": jnp.asarray(data.pool_ages),
            "test_images": jnp.asarray(data.test_images)}
+    self.shared_bytes = memory_lib.tree_bytes(dev)
     sizes = size_schedule(cfg, data.num_bases)
     # One chunk length for the whole study, so one compiled program serves every size.
     self.chunk_steps = max(1, min([cfg.trials.get("chunk_steps", 50)] + [s["max_iter"] for s in sizes]))
@@ -332,6 +497,7 @@ class Study:
       todo = [] if (prior.name, 0) in done or not cfg.get("eval_size_zero", True) else [0]
       todo += [s for s in sizes if (prior.name, s["n"]) not in done]
       for size in todo:
+        self.check_stop(prior.name, size)
         if size == 0:
           rows = [self.size_zero(prior, data, dev)]
         else:
@@ -343,12 +509,17 @@ class Study:
           n = rows[0]["n_train"]
           log.info("%s n=%d (%d trials): %s", prior.name, n, len(rows), summary)
           tb.scalar(f"test_mae/{prior.name}", np.mean([r["mae"] for r in rows]), n)
+        self.clear_checkpoints(prior.name, rows[0]["n_train"])
     if self.is_main:
       rows = tables.read_results(self.results_path)
       tables.write_tables(self.workdir, rows, title=cfg.get("title", "Few-shot learning curve"))
       plots.plot_learning_curve(rows, os.path.join(self.workdir, "learning_curve.png"),
                                 baselines={"predict the pool mean": pool_mean_mae})
       tb.text("table", open(os.path.join(self.workdir, "table.md")).read(), 0)
+      if cfg.get("diagnostics", True):  # split and resampled-source histograms (Fig. 3), duplicates: diagnostics/
+        from agejax.reports.diagnostics import run_diagnostics
+        run_diagnostics(self.workdir, logger=tb, split_ages={"pool": data.pool_ages, "test": data.test_ages})
+    sharding_lib.barrier("study:end")  # process 0 has written every output
     tb.close()
     return tables.read_results(self.results_path)
 

@@ -1,13 +1,27 @@
 """Pre-training stages: train a prior on a source dataset, optionally resampled to an age distribution.
 
-A prior entry with a `pretrain` section is produced by this stage before the learning curve runs:
-  pretrain.data          the source (a `config.data`-like section; resize/crop come from config.data);
-  pretrain.steps         optimiser steps; pretrain.batch_size; pretrain.optim (like config.optim);
-  pretrain.distribution  optional {mode: 'uniform'|'matched'|'original', total: int, target: 'study'}:
-                         resample the source (paper eq. 2-3) before training; 'matched' uses the study's
-                         training pool as the target distribution.
-The result is a prior directory under workdir/priors/, named by a hash of everything that defines it;
-a later run with the same definition reuses it instead of training again.
+A prior entry with a `pretrain` section is produced by this stage before the learning curve runs (paper
+§4.2-4.3: DEX further trained on IMDB resampled to a uniform, the original or the target's distribution,
+from 100, 1,000, 10,000 or all source samples). Fields of `pretrain`:
+  data          the source (a `config.data`-like section merged over config.data; resize/crop from config.data);
+  init_from     NAME of another prior entry to start from (its own stage runs first or is reused), e.g. the
+                matched priors start from the prior trained on the source as is, as the paper starts from DEX;
+                without it the stage starts from the entry's own `dir` / `model`;
+  head          'new' (default: a fresh head of config.model.head) or 'keep' the starting checkpoint's head;
+  distribution  {mode: 'uniform'|'matched'|'original', total: N}: resample the training part of the source
+                to N samples (paper eq. 2-3; 0 = the size of the training part; `multiple` scales that, the
+                paper's 4 N is multiple=4); 'matched' imposes the study's training-pool distribution;
+  epochs | steps  length (epochs of the resampled set, or optimiser steps); with stop='converge' the cap;
+  stop          'fixed' (train the full length) or 'converge': validate every `eval_every` steps (0 = one
+                epoch) on a held-out part of the source (`val_fraction` or `val_size`, resampled like the
+                training part) and stop after `patience` validations without an improvement of `min_delta`,
+                keeping the best state;
+  batch_size, optim (like config.optim; its base_lr is the stage's learning rate), stepsize (lr decay
+  steps), mode ('full' or 'frozen').
+The result is a prior directory under workdir/priors/NAME-HASH, the hash covering everything that defines
+it (entry, parent stage, model, input size, seed, and the target histogram for 'matched'); a later run with
+the same definition reuses it. `pretrain_stage.json` beside it records the histograms (source, resampled,
+target), the validation history and the source test MAE.
 """
 
 import hashlib
@@ -22,17 +36,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from agejax.data.distribution import age_histogram, resample_indices
+from agejax.engine import fit as fit_lib
 from agejax.engine import metrics as metrics_lib
-from agejax.engine import trials as trials_lib
+from agejax.engine.optim import make_optimizer
+from agejax.errors import ConfigError
 from agejax.models.pretrained import METADATA_FILE, save_pretrained
+from agejax.parallel import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
-
-
-def stage_key(entry: Mapping[str, Any], cfg: Any) -> str:
-  blob = json.dumps({"entry": _plain(entry), "model": _plain(cfg.model), "resize": cfg.data.resize,
-                     "crop": cfg.data.crop, "seed": cfg.seed}, sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+STAGE_FILE = "pretrain_stage.json"
+STOP_RULES = ("fixed", "converge")
 
 
 def _plain(x: Any) -> Any:
@@ -45,56 +59,172 @@ def _plain(x: Any) -> Any:
   return x
 
 
+def _find_entry(cfg: Any, name: str) -> Mapping[str, Any]:
+  for entry in cfg.priors:
+    if entry.get("name") == name:
+      return entry
+  raise ConfigError(f"pretrain.init_from={name!r} names no entry of config.priors "
+                    f"(known: {', '.join(str(e.get('name')) for e in cfg.priors)})")
+
+
+def _target_digest(entry: Mapping[str, Any], target_ages: np.ndarray | None) -> str | None:
+  dist = entry["pretrain"].get("distribution") or {}
+  if dist.get("mode") != "matched" or target_ages is None:
+    return None
+  return hashlib.sha256(age_histogram(target_ages).tobytes()).hexdigest()[:12]
+
+
+def stage_key(entry: Mapping[str, Any], cfg: Any, target_ages: np.ndarray | None = None) -> str:
+  """Hash of everything that defines a stage's result (a parent stage through its own key)."""
+  parent = entry["pretrain"].get("init_from")
+  parent_key = None
+  if parent:
+    p_entry = _find_entry(cfg, parent)
+    parent_key = stage_key(p_entry, cfg, target_ages) if p_entry.get("pretrain") else _plain(p_entry)
+  blob = json.dumps({"entry": _plain(entry), "parent": parent_key, "target": _target_digest(entry, target_ages),
+                     "model": _plain(cfg.model), "resize": cfg.data.resize, "crop": cfg.data.crop, "seed": cfg.seed},
+                    sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def stage_dir(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages: np.ndarray | None = None) -> str:
+  return os.path.join(workdir, "priors", f"{entry['name']}-{stage_key(entry, cfg, target_ages)}")
+
+
+def _check_source(name: str, data_cfg: Mapping[str, Any]) -> None:
+  if data_cfg.get("name") == "synthetic":
+    return
+  root = data_cfg.get("root")
+  if not root or not os.path.exists(root):
+    raise ConfigError(f"config.priors[{name}].pretrain.data.root={root!r} is not an existing folder: point it at the "
+                      f"source dataset ({data_cfg.get('name')}), e.g. with the config's source-path argument")
+
+
+def split_source(ages: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(training indices, held-out validation indices) of the source pool, seeded."""
+  order = np.random.default_rng([seed, 17]).permutation(len(ages))
+  return np.sort(order[val_size:]), np.sort(order[:val_size])
+
+
+def draw_training_set(ages: np.ndarray, dist: Mapping[str, Any] | None, target_ages: np.ndarray | None,
+                      seed: int) -> np.ndarray:
+  """Indices into `ages` of the (resampled) training set a `distribution` section asks for."""
+  n = len(ages)
+  if not dist:
+    return np.arange(n)
+  mode = dist.get("mode", "original")
+  total = int(dist.get("total") or round(float(dist.get("multiple", 1.0)) * n))
+  if mode == "original" and total == n:
+    return np.arange(n)
+  if mode == "matched" and target_ages is None:
+    raise ConfigError("pretrain.distribution.mode='matched' needs the study's target ages (run it in a study)")
+  return resample_indices(ages, mode, total, target_ages=target_ages if mode == "matched" else None, seed=seed)
+
+
+def _val_set(ages: np.ndarray, idx: np.ndarray, dist: Mapping[str, Any] | None, target_ages: np.ndarray | None,
+             seed: int) -> np.ndarray:
+  """The held-out part resampled to the stage's distribution (its own size), so validation measures that."""
+  mode = (dist or {}).get("mode", "original")
+  if mode == "original" or len(idx) == 0:
+    return idx
+  pick = resample_indices(ages[idx], mode, len(idx), target_ages=target_ages if mode == "matched" else None,
+                          seed=seed + 1)
+  return idx[pick]
+
+
+def _fit_config(p: Mapping[str, Any], cfg: Any) -> fit_lib.FitConfig:
+  stop = p.get("stop", "fixed")
+  if stop not in STOP_RULES:
+    raise ConfigError(f"pretrain.stop must be one of {STOP_RULES}, got {stop!r}")
+  if not p.get("steps") and not p.get("epochs"):
+    raise ConfigError("a pretrain section needs `steps` or `epochs` (the length, or its cap with stop='converge')")
+  return fit_lib.FitConfig(
+      batch_size=int(p.get("batch_size", cfg.batch_size)), crop=int(cfg.data.crop), epochs=float(p.get("epochs", 1.0)),
+      steps=int(p.get("steps", 0) or 0), mirror=bool(cfg.data.get("mirror", True)),
+      random_crop=bool(cfg.data.get("random_crop", True)), eval_every=int(p.get("eval_every", 0) or 0),
+      patience=int(p.get("patience", 3)) if stop == "converge" else 0, min_delta=float(p.get("min_delta", 0.0)),
+      stepsize=int(p.get("stepsize", 0) or 0), eval_batch_size=int(cfg.get("eval_batch_size", 64)))
+
+
+def _start(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages: np.ndarray | None) -> dict[str, Any]:
+  """The prior entry a stage starts from: its own dir/model, or the result of `init_from`."""
+  p = entry["pretrain"]
+  start = {k: v for k, v in entry.items() if k not in ("pretrain", "head")}
+  start["head"] = p.get("head", "new")
+  if p.get("init_from"):
+    parent = _find_entry(cfg, p["init_from"])
+    if parent.get("pretrain"):
+      start.update(dir=pretrain_prior(parent, cfg, workdir, target_ages), head=p.get("head", "keep"))
+    else:
+      start.update({k: parent[k] for k in ("dir", "model", "preprocess") if k in parent})
+    start.pop("model" if start.get("dir") else "dir", None)
+  return start
+
+
 def pretrain_prior(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages: np.ndarray | None = None) -> str:
   """Runs (or reuses) the pre-training stage of a prior entry; returns its prior directory."""
-  from agejax.data.distribution import resample_indices
-  from agejax.experiments.learning_curve import PriorEngine
   from agejax.experiments.priors import resolve_prior
   from agejax.experiments.study_data import load_study_data
 
   name = entry["name"]
-  out = os.path.join(workdir, "priors", f"{name}-{stage_key(entry, cfg)}")
-  if os.path.exists(os.path.join(out, METADATA_FILE)):
+  out = stage_dir(entry, cfg, workdir, target_ages)
+  # With several processes, process 0 decides, so that every process trains (or reuses) alike.
+  if sharding_lib.same_choice(str(os.path.exists(os.path.join(out, METADATA_FILE))), ("False", "True")) == "True":
     log.info("prior %s: reusing pre-training stage %s", name, out)
     return out
   p = entry["pretrain"]
-  start = {k: v for k, v in entry.items() if k not in ("pretrain", "head")}
-  start["head"] = p.get("head", "new")
-  base = resolve_prior(start, cfg.model, cfg.data.crop, cfg.seed)
+  fcfg = _fit_config(p, cfg)
   data_cfg = {**_plain(cfg.data), **_plain(p["data"])}
+  _check_source(name, data_cfg)
+  base = resolve_prior(_start(entry, cfg, workdir, target_ages), cfg.model, cfg.data.crop, cfg.seed)
   data = load_study_data(data_cfg, cfg.seed + 1000)
-  items = np.arange(len(data.pool_ages))
-  dist = p.get("distribution")
-  if dist and dist.get("mode", "original") != "original" or (dist and dist.get("total")):
-    target = target_ages if dist.get("mode") == "matched" else None
-    items = resample_indices(data.pool_ages, dist.get("mode", "original"), int(dist.get("total") or len(items)),
-                             target_ages=target, seed=cfg.seed)
-  sub = ml_collections.ConfigDict(_plain(cfg))
-  sub.optim = ml_collections.ConfigDict(_plain(p.get("optim", cfg.optim)))
-  sub.batch_size = p.get("batch_size", cfg.batch_size)
-  steps = int(p["steps"])
-  chunk = min(steps, int(p.get("chunk_steps", 100)))
-  engine = PriorEngine(sub, base, chunk)
-  runner = engine.runner("loop")
-  padded = -(-steps // chunk) * chunk
-  order = trials_lib.sample_order(items, padded, sub.batch_size, cfg.seed)
-  hyper = trials_lib.Hyper(jnp.asarray(p.get("stepsize", steps), jnp.int32), jnp.asarray(steps, jnp.int32))
-  pool_images, pool_ages = jnp.asarray(data.pool_images), jnp.asarray(data.pool_ages)
-  state = runner.group([engine.initial_state(cfg.seed)])
-  for step0 in range(0, steps, chunk):
-    state, losses = runner.train(state, order[step0:step0 + chunk], step0, hyper, pool_images, pool_ages)
-    valid = losses[:, : steps - step0]
-    if not np.isfinite(valid).all():
-      from agejax.errors import TrainingError
-      raise TrainingError(f"pre-training of prior {name!r} diverged near step {step0}: lower pretrain.optim.base_lr")
-  preds = trials_lib.evaluate(runner, state, jnp.asarray(data.test_images), cfg.data.crop,
-                              cfg.get("eval_batch_size", 64))
-  source_mae = metrics_lib.mae(preds[0], data.test_ages)
-  log.info("prior %s: pre-trained %d steps on %d source images (%s), source test MAE %.3f", name, steps, len(items),
-           (dist or {}).get("mode", "original"), source_mae)
-  variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-  save_pretrained(out, base.spec, jax.device_get(variables), base.preprocess,
-                  source={"format": "agejax-pretrain", "stage": stage_key(entry, cfg), "steps": steps,
-                          "source_images": int(len(items)), "source_test_mae": source_mae,
-                          "definition": _plain(entry)})
+  dist = _plain(p.get("distribution")) or None
+  val_idx = np.zeros(0, np.int64)
+  train_idx = np.arange(len(data.pool_ages))
+  if p.get("stop", "fixed") == "converge":
+    val_size = int(p.get("val_size") or round(float(p.get("val_fraction", 0.1)) * len(train_idx)))
+    if val_size > len(train_idx) // 2:
+      log.warning("prior %s: val_size %d capped at half the source pool (%d)", name, val_size, len(train_idx) // 2)
+      val_size = len(train_idx) // 2
+    train_idx, val_idx = split_source(data.pool_ages, max(1, val_size), cfg.seed)
+    val_idx = _val_set(data.pool_ages, val_idx, dist, target_ages, cfg.seed)
+  items = train_idx[draw_training_set(data.pool_ages[train_idx], dist, target_ages, cfg.seed)]
+  mode = p.get("mode", "full")
+  params = base.variables["params"]
+  optimizer = make_optimizer(ml_collections.ConfigDict(_plain(p.get("optim", cfg.optim))),
+                             fit_lib.trainable(params, mode))
+  state = fit_lib.FitState(jax.tree.map(jnp.asarray, params), base.variables.get("batch_stats", {}),
+                           optimizer.init(fit_lib.trainable(params, mode)), jax.random.key(cfg.seed))
+  images, ages = jnp.asarray(data.pool_images), jnp.asarray(data.pool_ages)
+  val_images = images[jnp.asarray(val_idx)] if len(val_idx) else None
+  result = fit_lib.fit(base.model, base.head_kind(), base.preprocess, optimizer, state, fcfg, mode, images, ages,
+                       items, val_images, data.pool_ages[val_idx] if len(val_idx) else None, seed=cfg.seed,
+                       progress=cfg.get("progress", True), desc=f"pretrain {name}")
+  predict = fit_lib.make_predictor(base.model, base.head_kind(), base.preprocess)
+  test_pred = fit_lib.predict_images(predict, result.params, result.batch_stats, jnp.asarray(data.test_images),
+                                     cfg.data.crop, int(cfg.get("eval_batch_size", 64)))
+  source_mae = metrics_lib.mae(test_pred, data.test_ages)
+  log.info("prior %s: pre-trained %d steps (best at %d%s) on %d samples of %d source images (%s), source test MAE "
+           "%.3f", name, result.steps_run, result.best_step, ", stopped early" if result.stopped_early else "",
+           len(items), len(train_idx), (dist or {}).get("mode", "original"), source_mae)
+  stage = {"name": name, "stage": os.path.basename(out), "definition": _plain(entry),
+           "mode": (dist or {}).get("mode", "original"), "samples": int(len(items)),
+           "distinct_samples": int(len(np.unique(items))), "source_pool": int(len(train_idx)),
+           "val_images": int(len(val_idx)), "steps_run": result.steps_run, "best_step": result.best_step,
+           "best_val_mae": result.best_val_mae, "stopped_early": result.stopped_early,
+           "wall_s": round(result.wall_s, 2),
+           "source_test_mae": source_mae, "history": result.history,
+           "histograms": {"source": age_histogram(data.pool_ages[train_idx]).tolist(),
+                          "resampled": age_histogram(data.pool_ages[items]).tolist(),
+                          **({"target": age_histogram(target_ages).tolist()} if target_ages is not None else {})}}
+  if jax.process_index() == 0:  # every process trained the same prior; process 0 writes it
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, STAGE_FILE), "w") as f:
+      json.dump(stage, f, indent=1, default=float)
+    variables = {"params": result.params, **({"batch_stats": result.batch_stats} if result.batch_stats else {})}
+    save_pretrained(out, base.spec, variables, base.preprocess,
+                    source={"format": "agejax-pretrain", "stage": os.path.basename(out), "steps": result.steps_run,
+                            "source_images": int(len(items)), "source_test_mae": source_mae,
+                            "definition": _plain(entry)})
+  sharding_lib.barrier(f"pretrain:{os.path.basename(out)}")
   return out

@@ -9,6 +9,8 @@
   morph / generic / appa_real / fgnet / agedb / imdb_wiki   a reader's records, split by `test_fraction`
              (subject-disjoint when the records carry subjects).
 Pool items sharing a `group` (a base image and its rotated versions) are drawn together.
+`config.data.select` keeps only records whose fields match, e.g. {'race': (2,)} (UTKFace race codes) or
+{'gender': ('F',)}: a field of the record or of its `extra` dict, against a list of allowed values.
 """
 
 import dataclasses
@@ -113,11 +115,29 @@ def _split(cfg: Mapping[str, Any], records: list[AgeRecord], seed: int) -> tuple
                                   "duplicate_copies": sum(len(g) - 1 for g in groups)}
 
 
+def select_records(records: list[AgeRecord], select: Mapping[str, Any] | None) -> list[AgeRecord]:
+  """Records whose fields (attributes or `extra` entries) take one of the allowed values per field."""
+  if not select:
+    return records
+
+  def value(r: AgeRecord, field: str) -> Any:
+    return getattr(r, field) if hasattr(r, field) else r.extra.get(field)
+
+  allowed = {f: set(v) if isinstance(v, (list, tuple, set)) else {v} for f, v in dict(select).items()}
+  return [r for r in records if all(value(r, f) in ok for f, ok in allowed.items())]
+
+
 def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
   from agejax.data.cache import load_images
   from agejax.data.images import rotated_versions
 
   records, rejections = _records(cfg)
+  if cfg.get("select"):
+    n_read = len(records)
+    records = select_records(records, cfg["select"])
+    if not records:
+      raise ConfigError(f"config.data.select={dict(cfg['select'])!r} keeps none of the {n_read} records")
+    log.info("data: select %s keeps %d of %d records", dict(cfg["select"]), len(records), n_read)
   if cfg.get("max_records"):
     rng = np.random.default_rng([seed, 12])
     keep = np.sort(rng.choice(len(records), size=min(cfg["max_records"], len(records)), replace=False))
@@ -148,7 +168,9 @@ def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
   sig = [r.age_std for r in test_recs]
   test_sigma = np.array(sig, np.float32) if all(s is not None for s in sig) else None
   info.update(source=cfg["name"], root=cfg.get("root"), pool_bases=len(pool_recs), test=len(test_recs),
-              rotations=len(angles), rejected=rejections.to_dict())
+              rotations=len(angles), rejected=rejections.to_dict(),
+              select={k: list(v) if isinstance(v, (list, tuple)) else v
+                      for k, v in dict(cfg.get("select") or {}).items()})
   log.info("data: %d pool images (%d bases), %d test images", len(pool_images), len(pool_recs), len(test_recs))
   return StudyData(pool_images, pool_ages, pool_groups, [r.path for r in pool_recs], test_images,
                    np.array([r.age for r in test_recs], np.float32), test_sigma, [r.path for r in test_recs],

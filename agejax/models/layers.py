@@ -6,10 +6,21 @@ outputs under the convention they were trained with:
   - 'tf_same': TensorFlow 'SAME' (extra pixel bottom/right on even inputs; Keras, EfficientNet-Lite).
 Flax's own 'SAME' equals 'tf_same'; it differs from torch for stride-2 convs on even inputs.
 
-`impl` selects how the convolution is computed; 'patches' (im2col + matmul) turns into a batched
-matmul under `jax.vmap` over trials instead of a grouped convolution, which XLA:CPU runs much faster.
+`impl` selects how the convolution is computed:
+  - 'lax': `lax.conv_general_dilated` and JAX's own gradient;
+  - 'canonical': the same forward, with a hand-written VJP whose two backward convolutions are laid out
+    NHWC x HWIO by explicit transposes. JAX's gradient convolutions use other dimension orders, which
+    XLA:CPU rewrites into its fast (Eigen) layout at the top level of a program but not inside a loop
+    body, where they run through a generic emitter about 5x slower; the engine's steps run in `lax.scan`.
+    Depthwise convolutions become a sum of kh*kw shifted, strided slices times per-channel weights
+    (XLA:CPU's grouped convolution is ~6x slower at the top level and ~60x inside a loop).
+  - 'patches': im2col + matmul; turns into a batched matmul under `jax.vmap` over trials instead of a
+    grouped convolution.
+All three give the same values (tested); which is fastest depends on backend and shapes (`agejax.bench`).
+'auto' looks each layer's choice up in the plan that `agejax.models.conv_tuning` measured.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -18,8 +29,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from agejax.models import conv_tuning
+
 Padding = Literal["torch", "tf_same", "valid"]
-ConvImpl = Literal["lax", "patches"]
+ConvImpl = Literal["lax", "canonical", "patches", "auto"]
+_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -49,7 +63,11 @@ def conv_nhwc(
     groups: int = 1, impl: ConvImpl = "lax",
 ) -> jax.Array:
   """NHWC x HWIO convolution, computed by XLA's conv or by patches + matmul."""
-  if impl == "lax" or groups != 1:
+  if impl == "canonical" and groups == 1:
+    return _canonical_conv(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
+  if impl == "canonical" and groups == x.shape[-1] == kernel.shape[-1]:
+    return depthwise_shifted(x, kernel, strides, pads)
+  if impl != "patches" or groups != 1:
     return lax.conv_general_dilated(
         x, kernel, window_strides=tuple(strides), padding=tuple(pads),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
@@ -61,6 +79,58 @@ def conv_nhwc(
   # Patch features come out channel-major: (cin, kh, kw).
   w = kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
   return jnp.einsum("nhwk,ko->nhwo", patches, w)
+
+
+def depthwise_shifted(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                      pads: Sequence[tuple[int, int]]) -> jax.Array:
+  """Depthwise NHWC convolution (kernel (kh, kw, 1, C)) as a sum of shifted strided slices."""
+  kh, kw = kernel.shape[:2]
+  sy, sx = strides
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  ho, wo = (xp.shape[1] - kh) // sy + 1, (xp.shape[2] - kw) // sx + 1
+  out = None
+  for a in range(kh):
+    for b in range(kw):
+      window = lax.slice(xp, (0, a, b, 0), (xp.shape[0], a + (ho - 1) * sy + 1, b + (wo - 1) * sx + 1, xp.shape[3]),
+                         (1, sy, sx, 1))
+      term = window * kernel[a, b, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def _plain_conv(x, kernel, strides, pads, lhs_dilation=None, rhs_dilation=None):
+  return lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation, rhs_dilation, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _canonical_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                    pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  return _plain_conv(x, kernel, strides, pads)
+
+
+def _canonical_fwd(x, kernel, strides, pads):
+  return _plain_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _canonical_bwd(strides, pads, res, g):
+  x, kernel = res
+  spatial, k_sizes, out_sizes = x.shape[1:3], kernel.shape[:2], g.shape[1:3]
+  # d/dx: the output gradient, dilated by the stride, convolved with the flipped kernel (in/out swapped).
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  dx_pads = []
+  for size, k, out, s, (lo, _) in zip(spatial, k_sizes, out_sizes, strides, pads):
+    lo_t = k - 1 - lo
+    dx_pads.append((lo_t, size + k - 1 - lo_t - ((out - 1) * s + 1)))
+  dx = _plain_conv(g, flipped, (1, 1), dx_pads, lhs_dilation=strides)
+  # d/dkernel: batch and channels swap roles: (C, H, W, N) convolved with (Ho, Wo, N, O) -> (C, kh, kw, O).
+  dw_pads = [(lo, k - 1 - size - lo + (out - 1) * s + 1)
+             for size, k, out, s, (lo, _) in zip(spatial, k_sizes, out_sizes, strides, pads)]
+  dw = _plain_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (1, 1), dw_pads,
+                   rhs_dilation=strides)
+  return dx.astype(x.dtype), jnp.transpose(dw, (1, 2, 0, 3)).astype(kernel.dtype)
+
+
+_canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
 
 
 class Conv2D(nn.Module):
@@ -85,7 +155,10 @@ class Conv2D(nn.Module):
         "kernel", self.kernel_init, (*self.kernel_size, cin // self.groups, self.features))
     pads = conv_padding(x.shape[1:3], self.kernel_size, self.strides, self.padding)
     dtype = self.dtype or x.dtype
-    y = conv_nhwc(x.astype(dtype), kernel.astype(dtype), self.strides, pads, self.groups, self.impl)
+    impl = self.impl
+    if impl == "auto":
+      impl = conv_tuning.resolve(conv_tuning.signature(x.shape, kernel.shape, self.strides, pads, self.groups, dtype))
+    y = conv_nhwc(x.astype(dtype), kernel.astype(dtype), self.strides, pads, self.groups, impl)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
     return y

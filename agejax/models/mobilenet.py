@@ -53,7 +53,7 @@ class ConvBN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     groups = x.shape[-1] if self.depthwise else 1
     x = Conv2D(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding=self.padding,
-               groups=groups, use_bias=False, impl="lax" if self.depthwise else self.conv_impl,
+               groups=groups, use_bias=False, impl=self.conv_impl,
                dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not (train and self.bn_train), momentum=self.bn_momentum,
                      epsilon=self.bn_eps, dtype=self.dtype, name="bn")(x)

@@ -74,12 +74,22 @@ def save_pretrained(
   """Writes a prior directory (overwrites the variables if they exist)."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  ckpt = ocp.StandardCheckpointer()
+  ckpt = _checkpointer()
   ckpt.save(os.path.join(directory, VARIABLES_DIR), jax.tree.map(np.asarray, variables), force=True)
   ckpt.wait_until_finished()
   meta = {"model": dict(spec), "preprocess": preprocess.to_dict(), "source": dict(source or {})}
   with open(os.path.join(directory, METADATA_FILE), "w") as f:
     json.dump(meta, f, indent=2, default=_json_default)
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+  """An Orbax checkpointer for this process alone (prior directories hold host arrays; with several
+  processes, one writes them and any reads them without waiting for the others)."""
+  if jax.process_count() == 1:
+    return ocp.StandardCheckpointer()
+  me = jax.process_index()
+  options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.StandardCheckpointer(multiprocessing_options=options)
 
 
 def _json_default(o: Any) -> Any:
@@ -103,6 +113,6 @@ def load_pretrained(directory: str) -> tuple[AgeModel, Any, Preprocess]:
   """Loads a prior: `logits = model.apply(variables, preprocess(images))`."""
   meta = read_prior_metadata(directory)
   model = build_model(meta["model"])
-  variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(directory, VARIABLES_DIR)))
+  variables = _checkpointer().restore(os.path.abspath(os.path.join(directory, VARIABLES_DIR)))
   variables = jax.tree.map(jnp.asarray, variables)
   return model, variables, Preprocess.from_dict(meta["preprocess"])

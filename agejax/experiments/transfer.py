@@ -1,0 +1,284 @@
+"""The transfer-learning study of the report (PROTOCOL.md §5, report Table 2, Figs 4-8).
+
+A dataset is split into train / validation / test (the report: the IMDB part of IMDB-WIKI, cleaned, half of
+it, 21,568 / 7,183 / 7,183). Each backbone of `config.backbones` (ImageNet checkpoints ported by
+`agejax.port`: MobileNetV2, EfficientNet-B3, EfficientNet-Lite0, ...) gets the three-layer GELU regression
+head and is fine-tuned in each mode of `config.modes`:
+  frozen  only the head trains; the backbone runs in inference mode (BatchNorm running statistics);
+  full    every layer trains.
+Adam with a step-decayed learning rate (`config.lr[mode]`, `optim.gamma` every `lr_decay_epochs`), MAE loss,
+validation after every epoch, the best epoch's weights kept (optionally early stopping after `patience`
+epochs without improvement), then test MAE, PLCC and SROCC.
+
+Outputs in the workdir: results.csv (a row per backbone and mode), table.md (laid out like the report's
+Table 2), predictions.csv (every test image's true and predicted age per run), checkpoints/RUN/ (the best
+weights as a prior directory, usable by `agejax.predict`), splits/{train,val,test}.txt, config.json,
+data_info.json, data_report.json, tb/ (TensorBoard) and diagnostics/ (agejax.reports.diagnostics). A rerun
+skips the runs already in results.csv.
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from agejax.engine import fit as fit_lib
+from agejax.engine import metrics as metrics_lib
+from agejax.engine.optim import make_optimizer
+from agejax.errors import ConfigError
+from agejax.experiments.priors import resolve_prior
+from agejax.experiments.study_data import StudyData, load_study_data
+from agejax.models.pretrained import save_pretrained
+from agejax.reports import diagnostics
+from agejax.reports.tensorboard import Logger
+
+log = logging.getLogger(__name__)
+
+MODES = ("frozen", "full")
+RESULT_FIELDS = ("run", "backbone", "arch", "mode", "test_mae", "plcc", "srocc", "cs5", "val_mae", "best_epoch",
+                 "epochs_run", "stopped_early", "train_images", "val_images", "test_images", "trainable_params",
+                 "backbone_max_change", "train_wall_s", "checkpoint")
+MODE_LABELS = {"frozen": "Linear layers fine-tuned", "full": "All layers fine-tuned"}
+
+
+@dataclasses.dataclass
+class Split:
+  """One split's images (uint8, resized), ages and names."""
+
+  images: np.ndarray
+  ages: np.ndarray
+  names: list[str]
+
+
+def split_pool(data: StudyData, val_size: int, train_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, val) pool item indices: `val_size` base images held out, the rest (capped) for training."""
+  if val_size >= data.num_bases:
+    raise ConfigError(f"config.data.val_size={val_size} leaves no training images (the pool has {data.num_bases})")
+  order = np.random.default_rng([seed, 23]).permutation(data.num_bases)
+  val_bases, train_bases = order[:val_size], order[val_size:]
+  if train_size:
+    train_bases = train_bases[:train_size]
+  members = data.group_members()
+  take = lambda bases: np.sort(np.concatenate([members[b] for b in bases]))  # noqa: E731
+  return take(train_bases), take(val_bases)
+
+
+def load_splits(cfg: Mapping[str, Any], seed: int) -> tuple[dict[str, Split], StudyData]:
+  """Train / val / test splits of `config.data` (test from the study split, val from the pool)."""
+  data = load_study_data(cfg, seed)
+  val_size = int(cfg.get("val_size") or round(float(cfg.get("val_fraction", 0.2)) * data.num_bases))
+  train_idx, val_idx = split_pool(data, val_size, int(cfg.get("train_size") or 0), seed)
+  names = np.asarray(data.pool_names, dtype=object)[data.pool_groups]
+  pool = lambda idx: Split(np.asarray(data.pool_images[idx]), data.pool_ages[idx], list(names[idx]))  # noqa: E731
+  return {"train": pool(train_idx), "val": pool(val_idx),
+          "test": Split(np.asarray(data.test_images), data.test_ages, list(data.test_names))}, data
+
+
+def _check_backbones(cfg: Any) -> list[dict[str, Any]]:
+  entries = [dict(e) for e in cfg.get("backbones", [])]
+  if not entries:
+    raise ConfigError("config.backbones is empty: give at least one backbone prior directory (made by "
+                      "`python -m agejax.port`), e.g. the config's mobilenet_v2=DIR / lite0=DIR argument")
+  for e in entries:
+    if not e.get("dir") and not e.get("model"):
+      raise ConfigError(f"config.backbones[{e.get('name')}].dir is not set: point it at a prior directory made by "
+                        "`python -m agejax.port` (or give a `model` spec)")
+    if e.get("dir") and not os.path.isdir(e["dir"]):
+      raise ConfigError(f"config.backbones[{e.get('name')}].dir={e['dir']!r} does not exist")
+  bad = [m for m in cfg.modes if m not in MODES]
+  if bad:
+    raise ConfigError(f"config.modes has {bad}; expected a subset of {MODES}")
+  return entries
+
+
+def _read_rows(path: str) -> list[dict[str, str]]:
+  if not os.path.exists(path):
+    return []
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _append_rows(path: str, rows: list[Mapping[str, Any]], fields: tuple[str, ...]) -> None:
+  new = not os.path.exists(path)
+  with open(path, "a", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+    if new:
+      writer.writeheader()
+    writer.writerows(rows)
+
+
+def _num(value: Any, decimals: int = 3) -> str:
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    return str(value)
+  return f"{v:.{decimals}f}" if math.isfinite(v) else "-"
+
+
+def table_markdown(rows: list[Mapping[str, Any]], title: str) -> str:
+  """The report's Table 2 layout: network and regime, test loss (MAE), PLCC, SROCC, plus CS@5 and timing."""
+  lines = [f"# {title}\n", "Test loss = MAE in years on the test set with the best-validation epoch's weights "
+           "(the report's loss column, 0.047-0.087, is on a different scale). PLCC / SROCC: Pearson / Spearman "
+           "correlation of predicted and true age.\n",
+           "| Network | Regime | Test loss (MAE) | PLCC | SROCC | CS@5 | val MAE | best epoch / run | train s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['backbone']} | {MODE_LABELS.get(r['mode'], r['mode'])} | {_num(r['test_mae'])} | "
+                 f"{_num(r['plcc'])} | {_num(r['srocc'])} | {_num(r['cs5'])} | {_num(r['val_mae'])} | "
+                 f"{_num(r['best_epoch'], 1)} / {_num(r['epochs_run'], 1)} | {_num(r['train_wall_s'], 0)} |")
+  return "\n".join(lines) + "\n"
+
+
+def _has_batchnorm(entry: Mapping[str, Any]) -> bool:
+  """Whether the entry's backbone has BatchNorm (a `bn_train` field) to put in inference mode when frozen."""
+  from agejax.models.pretrained import read_prior_metadata
+  from agejax.models.registry import BACKBONES
+
+  spec = read_prior_metadata(entry["dir"])["model"] if entry.get("dir") else entry["model"]
+  return "bn_train" in {f.name for f in dataclasses.fields(BACKBONES[spec["arch"]]())}
+
+
+def _max_change(before: Any, after: Any) -> float:
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) if np.size(a) else 0.0,
+                       before, after)
+  return max(jax.tree.leaves(diffs), default=0.0)
+
+
+class TransferStudy:
+  """Runs every (backbone, mode) of a config into a workdir."""
+
+  def __init__(self, config: Any, workdir: str):
+    self.cfg = config
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    self.results_path = os.path.join(workdir, "results.csv")
+    self.predictions_path = os.path.join(workdir, diagnostics.PREDICTIONS_FILE)
+
+  def write_inputs(self, splits: dict[str, Split], data: StudyData) -> None:
+    cfg = self.cfg
+    with open(os.path.join(self.workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2) if hasattr(cfg, "to_json_best_effort") else json.dumps(cfg))
+    data.rejections.write(os.path.join(self.workdir, "data_report.json"))
+    info = {**data.info, **{f"{k}_images": len(s.ages) for k, s in splits.items()}}
+    with open(os.path.join(self.workdir, "data_info.json"), "w") as f:
+      json.dump(info, f, indent=2, default=str)
+    for name, s in splits.items():
+      diagnostics.write_split(os.path.join(self.workdir, "splits", f"{name}.txt"), s.names, s.ages)
+
+  def optim_config(self, mode: str) -> ml_collections.ConfigDict:
+    optim = ml_collections.ConfigDict(self.cfg.optim.to_dict())
+    lr = dict(self.cfg.get("lr", {}) or {})
+    if mode in lr:
+      optim.base_lr = float(lr[mode])
+    return optim
+
+  def fit_config(self, num_train: int) -> fit_lib.FitConfig:
+    cfg = self.cfg
+    per_epoch = max(1, math.ceil(num_train / cfg.batch_size))
+    return fit_lib.FitConfig(
+        batch_size=cfg.batch_size, crop=cfg.data.crop, epochs=float(cfg.epochs), mirror=cfg.data.get("mirror", True),
+        random_crop=cfg.data.get("random_crop", False), patience=int(cfg.get("patience", 0)),
+        stepsize=int(round(float(cfg.get("lr_decay_epochs", 0) or 0) * per_epoch)),
+        eval_batch_size=int(cfg.get("eval_batch_size", 64)))
+
+  def train_one(self, entry: Mapping[str, Any], mode: str, splits: dict[str, Split], dev: dict[str, jax.Array],
+                tb: Logger) -> tuple[dict[str, Any], np.ndarray]:
+    cfg = self.cfg
+    run = f"{entry['name']}-{mode}"
+    overrides = dict(entry.get("backbone_overrides", {}) or {})
+    if mode == "frozen" and _has_batchnorm(entry):
+      overrides["bn_train"] = False
+    prior = resolve_prior({**entry, "name": run, "head": "new", "backbone_overrides": overrides}, cfg.model,
+                          cfg.data.crop, cfg.seed)
+    params = jax.tree.map(jnp.asarray, prior.variables["params"])
+    start_backbone = jax.device_get(params["backbone"])
+    optimizer = make_optimizer(self.optim_config(mode), fit_lib.trainable(params, mode))
+    state = fit_lib.FitState(params, prior.variables.get("batch_stats", {}),
+                             optimizer.init(fit_lib.trainable(params, mode)), jax.random.key(cfg.seed))
+    fcfg = self.fit_config(len(splits["train"].ages))
+
+    def on_eval(record: dict, improved: bool, _state: Any) -> None:
+      for key in ("train_loss", "val_mae"):
+        if key in record:
+          tb.scalar(f"{run}/{key}", record[key], record["step"])
+      tb.scalar(f"{run}/epoch", record["epoch"], record["step"])
+      log.info("%s epoch %.2f: train loss %.3f, val MAE %.3f%s", run, record["epoch"], record["train_loss"],
+               record.get("val_mae", float("nan")), " (best)" if improved else "")
+
+    result = fit_lib.fit(prior.model, prior.head_kind(), prior.preprocess, optimizer, state, fcfg, mode,
+                         dev["train_images"], dev["train_ages"], np.arange(len(splits["train"].ages)),
+                         dev["val_images"], splits["val"].ages, seed=cfg.seed, on_eval=on_eval,
+                         progress=self.is_main and cfg.get("progress", True), desc=run)
+    predict = fit_lib.make_predictor(prior.model, prior.head_kind(), prior.preprocess)
+    test_pred = fit_lib.predict_images(predict, result.params, result.batch_stats, dev["test_images"], cfg.data.crop,
+                                       fcfg.eval_batch_size)
+    scores = metrics_lib.age_metrics(test_pred, splits["test"].ages)
+    ckpt = os.path.join(self.workdir, "checkpoints", run)
+    if self.is_main:
+      variables = {"params": result.params, **({"batch_stats": result.batch_stats} if result.batch_stats else {})}
+      save_pretrained(ckpt, prior.spec, variables, prior.preprocess,
+                      source={"format": "agejax-transfer", "run": run, "mode": mode, "best_step": result.best_step,
+                              "val_mae": result.best_val_mae, "test_mae": scores["mae"]})
+    per_epoch = max(1, math.ceil(len(splits["train"].ages) / cfg.batch_size))
+    row = {"run": run, "backbone": entry["name"], "arch": prior.spec["arch"], "mode": mode, "test_mae": scores["mae"],
+           "plcc": scores["plcc"], "srocc": scores["srocc"], "cs5": scores["cs5"], "val_mae": result.best_val_mae,
+           "best_epoch": result.best_step / per_epoch, "epochs_run": result.steps_run / per_epoch,
+           "stopped_early": result.stopped_early, "train_images": len(splits["train"].ages),
+           "val_images": len(splits["val"].ages), "test_images": len(splits["test"].ages),
+           "trainable_params": sum(np.size(x) for x in jax.tree.leaves(fit_lib.trainable(result.params, mode))),
+           "backbone_max_change": _max_change(start_backbone, result.params["backbone"]),
+           "train_wall_s": round(result.wall_s, 2), "checkpoint": os.path.relpath(ckpt, self.workdir)}
+    for key in ("test_mae", "plcc", "srocc", "cs5"):
+      tb.scalar(f"{run}/{key}", row[key], result.steps_run)
+    log.info("%s: test %s", run, metrics_lib.format_metrics(scores))
+    return row, test_pred
+
+  def run(self) -> list[dict[str, Any]]:
+    cfg = self.cfg
+    entries = _check_backbones(cfg)
+    splits, data = load_splits(cfg.data, cfg.seed)
+    if self.is_main:
+      self.write_inputs(splits, data)
+    dev = {f"{k}_images": jnp.asarray(s.images) for k, s in splits.items()}
+    dev["train_ages"] = jnp.asarray(splits["train"].ages)
+    done = {r["run"] for r in _read_rows(self.results_path)}
+    tb = Logger(os.path.join(self.workdir, "tb"), enabled=self.is_main)
+    for entry in entries:
+      for mode in cfg.modes:
+        if f"{entry['name']}-{mode}" in done:
+          log.info("%s-%s: already in results.csv, skipped", entry["name"], mode)
+          continue
+        row, pred = self.train_one(entry, mode, splits, dev, tb)
+        if self.is_main:
+          _append_rows(self.results_path, [row], RESULT_FIELDS)
+          test = splits["test"]
+          diagnostics.append_predictions(self.predictions_path, row["run"], test.names, test.ages, pred)
+    rows = _read_rows(self.results_path)
+    if self.is_main:
+      table = table_markdown(rows, cfg.get("title", "Transfer learning: frozen vs full fine-tuning"))
+      with open(os.path.join(self.workdir, "table.md"), "w") as f:
+        f.write(table)
+      tb.text("table", table, 0)
+      if cfg.get("diagnostics", True):
+        index = {name: i for i, name in enumerate(splits["test"].names)}
+        lookup = lambda name: splits["test"].images[index[name]] if name in index else None  # noqa: E731
+        diagnostics.run_diagnostics(self.workdir, image_lookup=lookup, logger=tb,
+                                    split_ages={k: s.ages for k, s in splits.items()},
+                                    options=dict(cfg.get("diagnostics_options", {}) or {}))
+    tb.close()
+    return rows
+
+
+def run(config: Any, workdir: str) -> list[dict[str, Any]]:
+  """Runs the transfer study of `config` in `workdir`; returns the result rows (one per backbone and mode)."""
+  return TransferStudy(config, workdir).run()
