@@ -30,9 +30,11 @@ from agejax.configs import tiny_vgg
 from agejax.engine import memory as memory_lib
 from agejax.engine import trials as trials_lib
 from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer
-from agejax.experiments.learning_curve import initial_state
+from agejax.experiments.learning_curve import make_initial_state
 from agejax.experiments.priors import Prior, resolve_prior
 from agejax.models import build_model, conv_tuning
+from agejax.parallel import sharding as sharding_lib
+from agejax.parallel.distributed import maybe_initialize
 
 MODELS = ("vgg16_tiny", "vgg16", "mobilenet_v2", "efficientnet_b3")
 CONV_IMPLS = ("auto", "lax", "canonical", "patches")
@@ -98,13 +100,9 @@ def peak_flops(device_kind: str, dtype: str, override_tflops: float | None = Non
 
 
 def bench_prior(model: str, conv_impls: Sequence[str], s: argparse.Namespace) -> dict[str, Prior]:
-  """A from-scratch prior per conv implementation; they share one set of initial weights.
-
-  The weights are drawn with the 'rbg' PRNG: XLA:CPU takes ~30 s to compile a VGG's threefry init and
-  the starting values do not matter here. Trial keys (augmentation, dropout) stay on the default PRNG."""
-  with jax.default_prng_impl("rbg"):
-    base = resolve_prior({"name": "bench", "model": model_spec(model, conv_impls[0], s.quick)},
-                         {"head": "dex", "preprocess": PREPROCESS}, s.res, 0)
+  """A from-scratch prior per conv implementation; they share one set of initial weights."""
+  base = resolve_prior({"name": "bench", "model": model_spec(model, conv_impls[0], s.quick)},
+                       {"head": "dex", "preprocess": PREPROCESS}, s.res, 0)
   priors = {}
   for impl in conv_impls:
     backbone = {**base.spec["backbone"], "conv_impl": impl}
@@ -137,6 +135,7 @@ class Setup:
     self.conv_plan = None
     if prior.spec["backbone"].get("conv_impl") == "auto":  # per-layer choice, measured like the engine does
       self.conv_plan = conv_tuning.tune_model(prior.model, prior.variables, (s.batch, s.res, s.res, 3))
+    self.initial_state = make_initial_state(self.prior, self.optimizer, s.res)
     self.step = trials_lib.make_train_step(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
     self.chunk = trials_lib.make_train_chunk(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
     self.predict = trials_lib.make_predict(self.prior.model, "dex", self.prior.preprocess)
@@ -149,7 +148,7 @@ class Setup:
     self.hyper = trials_lib.Hyper(big, big)
 
   def state(self, trial: int) -> trials_lib.TrialState:
-    return initial_state(self.prior, self.optimizer, trial, self.s.res)
+    return self.initial_state(trial)
 
   def flops_per_step(self) -> float | None:
     """XLA's FLOPs of one SGD step of one trial, from a one-step chunk.
@@ -199,7 +198,9 @@ class Setup:
   def time_strategy(self, strategy: str) -> dict[str, Any]:
     """Compile seconds, then first-call and steady seconds of one chunk of `steps` steps over all trials."""
     s = self.s
-    runner = trials_lib.TrialRunner(self.chunk, self.predict, strategy, s.trial_chunk)
+    # All devices on the trial axis when there are several (e.g. one CPU device per core), as the engine does.
+    mesh = sharding_lib.MeshConfig() if jax.device_count() > 1 else None
+    runner = trials_lib.TrialRunner(self.chunk, self.predict, strategy, s.trial_chunk, mesh=mesh)
     groups = runner.slices(s.trials)
     states = [runner.group([self.state(t) for t in range(sl.start, sl.stop)]) for sl in groups]
     jax.block_until_ready(states)
@@ -213,8 +214,7 @@ class Setup:
     for size in sorted({sl.stop - sl.start for sl in groups}):
       g = next(i for i, sl in enumerate(groups) if sl.stop - sl.start == size)
       t0 = time.perf_counter()
-      compiled = runner._train.lower(states[g], jnp.asarray(0, jnp.int32), self.hyper, jnp.asarray(idx(g, 0)),
-                                     self.pool_images, self.pool_ages).compile()
+      compiled = runner.compile_train(states[g], idx(g, 0), 0, self.hyper, self.pool_images, self.pool_ages)
       compile_s += time.perf_counter() - t0
       program_bytes = memory_lib.compiled_bytes(compiled)
 
@@ -230,8 +230,10 @@ class Setup:
 
     first = one_chunk(0)
     chunks = [one_chunk(r) for r in range(1, s.repeats + 1)]
+    mesh = sharding_lib.mesh_of(states[0])
     return {"compile_s": compile_s, "first_call_s": first, "chunk_s": min(chunks), "chunk_s_all": chunks,
-            "groups": len(groups), "program_bytes": program_bytes, "peak_device_bytes": peak_device_bytes()}
+            "groups": len(groups), "devices": 1 if mesh is None else mesh.size, "program_bytes": program_bytes,
+            "peak_device_bytes": peak_device_bytes()}
 
 
 def torch_vgg(width: float, fc_dim: int, res: int, num_classes: int = 101) -> Any:
@@ -458,6 +460,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                   help="also time the hand-written baseline: one jitted step per call, trials one by one")
   ap.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (known GPUs/TPUs are built in)")
+  ap.add_argument("--cpu-devices", type=int, default=0,
+                  help="CPU devices to make (0: one per core, up to 8, as the engine; 1: a single device). "
+                       "The strategies spread the trials over all devices; the sequential baseline uses one")
   ap.add_argument("--out", help="also write the JSON here")
   s = ap.parse_args(argv)
   for key, value in (QUICK if s.quick else DEFAULTS).items():
@@ -472,6 +477,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
   s = parse_args(argv)
+  maybe_initialize(s.cpu_devices)
   report = run(s)
   text = json.dumps(report, indent=1)
   print(text)

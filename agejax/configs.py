@@ -83,13 +83,17 @@ def base_config() -> ml_collections.ConfigDict:
   # 'patches', or 'spec' (whatever the prior's model spec says). compute_dtype: 'float32' or 'bfloat16'
   # (bf16 compute, float32 master weights). memory_budget_gb: 0 = the device's memory; trials that do not
   # fit it together are trained in chunks (agejax.engine.memory).
+  # auto_candidates: the strategies 'auto' measures (empty: agejax.engine.trials.default_candidates).
+  # conv_plan: an earlier run's conv_plan.json to follow instead of timing the convolutions afresh.
   c.trials = ml_collections.ConfigDict(dict(parallel="auto", trial_chunk=0, chunk_steps=50,
-                                            auto_candidates=("vmap", "map", "loop"), conv_impl="auto",
+                                            auto_candidates=(), conv_impl="auto", conv_plan="",
                                             compute_dtype="float32", memory_budget_gb=0.0))
   # Devices (agejax.parallel.sharding): 'trial' axis size (0 = all devices when a group has that many trials)
-  # x 'data' (splits each trial's batch). Checkpoints inside a size (agejax.engine.checkpoint, workdir/ckpt/):
-  # every `every_chunks` chunks and at group ends, the last `keep` kept.
-  c.mesh = ml_collections.ConfigDict(dict(trial=0, data=1))
+  # x 'data' (splits each trial's batch); cpu_devices: CPU devices the process makes (0 = one per core, up to
+  # 8; agejax.parallel.distributed), so that trial blocks train concurrently on a CPU.
+  # Checkpoints inside a size (agejax.engine.checkpoint, workdir/ckpt/): every `every_chunks` chunks and at
+  # group ends, the last `keep` kept.
+  c.mesh = ml_collections.ConfigDict(dict(trial=0, data=1, cpu_devices=0))
   c.checkpoint = ml_collections.ConfigDict(dict(enabled=True, every_chunks=10, keep=2, async_save=True))
   c.eval_batch_size = 64
   c.eval_size_zero = True

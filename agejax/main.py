@@ -46,18 +46,21 @@ def enable_compilation_cache() -> None:
                     float(os.environ.get("AGEJAX_CACHE_MIN_COMPILE_S", "1.0")))
 
 
+def initialize(config) -> None:
+  """Before any other JAX use: the multi-process runtime and the CPU device count (`config.mesh.cpu_devices`),
+  then the compilation cache."""
+  from agejax.parallel.distributed import maybe_initialize
+
+  maybe_initialize(int((config.get("mesh") or {}).get("cpu_devices", 0)))
+  enable_compilation_cache()
+
+
 def main(argv: list[str]) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax", "absl.logging"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  try:
-    from agejax.parallel.distributed import maybe_initialize
-
-    maybe_initialize()
-  except ImportError:
-    pass
-  enable_compilation_cache()
+  initialize(_CONFIG.value)
   import jax
 
   from agejax.engine.checkpoint import EXIT_PREEMPTED, Preempted, StopOnSignal

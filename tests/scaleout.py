@@ -20,10 +20,12 @@ CLOSE_FIELDS = (*METRIC_FIELDS, "train_loss")
 
 
 def env(**extra: str) -> dict[str, str]:
-  """This environment without launch variables (the session's AGEJAX_CACHE kept), CPU only."""
+  """This environment without launch variables (the session's AGEJAX_CACHE kept), CPU only, one CPU device
+  unless `extra` says otherwise."""
   out = {k: v for k, v in os.environ.items() if not k.startswith(("AGEJAX_", "SLURM_")) or k == "AGEJAX_CACHE"}
   # Every compiled program goes to the session's disk cache: later runs skip the many small eager compiles.
-  out.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", AGEJAX_CACHE_MIN_COMPILE_S="0", **extra)
+  out.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", AGEJAX_CACHE_MIN_COMPILE_S="0", AGEJAX_CPU_DEVICES="1")
+  out.update(extra)
   return out
 
 

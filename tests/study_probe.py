@@ -17,13 +17,10 @@ from agejax import main as cli  # defines --config and --workdir
 
 def main(argv: list[str]) -> None:
   del argv
-  from agejax.parallel import maybe_initialize
-
-  maybe_initialize()
+  cli.initialize(cli._CONFIG.value)
   from agejax.experiments.learning_curve import Study, size_schedule
   from agejax.experiments.study_data import load_study_data
 
-  cli.enable_compilation_cache()
   cfg = cli._CONFIG.value
   study = Study(cfg, cli._WORKDIR.value)
   study.run()

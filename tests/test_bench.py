@@ -41,8 +41,10 @@ def test_quick_bench_json(tmp_path):
   assert [(r["strategy"], r["conv_impl"]) for r in results] == [("vmap", "lax"), ("map", "lax"), ("loop", "lax")]
   base = next(r for r in results if r["strategy"] == "loop")
   images = settings["trials"] * settings["steps_per_chunk"] * settings["batch"]
+  devices = report["device"]["count"]  # CPU devices: one per core by default, as the engine makes them
   for r in results:
     assert "error" not in r, r
+    assert r["devices"] == (devices if settings["trials"] >= devices else 1)
     assert _positive(r["images_per_s"]) and _positive(r["chunk_s"]) and _positive(r["compile_s"])
     assert r["images_per_s"] == pytest.approx(images / r["chunk_s"], rel=1e-9)
     assert r["chunk_s"] == min(r["chunk_s_all"]) and len(r["chunk_s_all"]) == settings["repeats"]

@@ -95,3 +95,24 @@ def test_auto_model_records_every_conv_and_follows_the_plan(tmp_path, monkeypatc
   assert sum(counts.values()) == 3 and set(counts) <= set(conv_tuning.IMPLS)
   with pytest.raises(ValueError, match="unknown convolution"):
     conv_tuning.set_plan({sigs[0]: "fft"})
+
+
+def test_plan_file_overrides_timings_and_records_the_plan(tmp_path, monkeypatch):
+  monkeypatch.setenv("AGEJAX_CACHE", str(tmp_path / "cache"))
+  x = jnp.zeros((2, 16, 16, 3), jnp.float32)
+  model = _Net("auto")
+  variables = model.init(jax.random.key(0), x)
+  sigs = conv_tuning.model_signatures(model, variables, x.shape)
+  plan_file = tmp_path / "run" / "conv_plan.json"
+  conv_tuning.write_plan_file(str(plan_file), {sigs[0]: "patches", sigs[1]: "lax"})
+  # The cache says 'lax' is fastest everywhere; the run's own file must win for the layers it names.
+  cache = {conv_tuning._cache_key(s): {"seconds": {"lax": 1.0, "canonical": 2.0, "patches": 3.0}} for s in sigs}
+  (tmp_path / "cache").mkdir()
+  (tmp_path / "cache" / "conv_impls.json").write_text(json.dumps(cache))
+  counts = conv_tuning.tune_model(model, variables, x.shape, plan_file=str(plan_file))
+  assert counts == {"patches": 1, "lax": 2}
+  assert conv_tuning.current_plan()[sigs[0]] == "patches"
+  assert conv_tuning.read_plan_file(str(plan_file)) == {sigs[0]: "patches", sigs[1]: "lax", sigs[2]: "lax"}
+  plan_file.write_text('{"plan": {"[1, 2]": "lax"}}')
+  with pytest.raises(ValueError, match="conv_plan.json: not a convolution plan"):
+    conv_tuning.read_plan_file(str(plan_file))

@@ -10,7 +10,7 @@ from agejax.configs import tiny_vgg
 from agejax.data.synthetic import synthetic_dataset
 from agejax.engine import trials as T
 from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer, multipliers
-from agejax.experiments.learning_curve import initial_state
+from agejax.experiments.learning_curve import make_initial_state
 from agejax.experiments.priors import resolve_prior
 
 RES = 32
@@ -68,11 +68,12 @@ def setup():
 def _run(setup, strategy, seeds, steps=6, max_iter=5):
   prior, opt, chunk, predict, pool, ages = setup
   runner = T.TrialRunner(chunk, predict, strategy)
+  start = make_initial_state(prior, opt, RES)
   orders = np.stack([T.sample_order(np.arange(s, s + 6), steps, 4, s) for s in seeds])
   hyper = T.Hyper(jnp.int32(3), jnp.int32(max_iter))
   out_losses, out_preds = [], []
   for sl in runner.slices(len(seeds)):
-    state = runner.group([initial_state(prior, opt, s, RES) for s in seeds[sl]])
+    state = runner.group([start(s) for s in seeds[sl]])
     state, losses = runner.train(state, runner.group_rows(orders, sl), 0, hyper, pool, ages)
     out_losses.append(losses)
     out_preds.append(T.evaluate(runner, state, pool[:10], RES, 8))

@@ -167,3 +167,22 @@ def test_init_kwargs_errors(monkeypatch, values, match):
   _set_env(monkeypatch, **values)
   with pytest.raises(ConfigError, match=match):
     distributed._init_kwargs()
+
+
+def test_cpu_device_count_precedence(monkeypatch):
+  monkeypatch.delenv("AGEJAX_CPU_DEVICES", raising=False)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setattr(distributed, "usable_cores", lambda: 2)
+  assert distributed.cpu_device_count() == 2  # auto: one per core
+  monkeypatch.setattr(distributed, "usable_cores", lambda: 64)
+  assert distributed.cpu_device_count() == distributed.MAX_AUTO_CPU_DEVICES
+  assert distributed.cpu_device_count(3) == 3  # the config's mesh.cpu_devices
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  assert distributed.cpu_device_count(3) is None  # XLA_FLAGS already decides
+  monkeypatch.setenv("AGEJAX_CPU_DEVICES", "5")
+  assert distributed.cpu_device_count(3) == 5  # the launch environment wins
+  monkeypatch.setenv("AGEJAX_CPU_DEVICES", "")  # empty: as if unset
+  monkeypatch.delenv("XLA_FLAGS")
+  assert distributed.cpu_device_count(3) == 3
+  with pytest.raises(ConfigError, match="must be positive"):
+    distributed.cpu_device_count(-1)

@@ -13,7 +13,7 @@ from agejax.parallel.sharding import MeshConfig, trial_axis_size
 def sharded(tiny_reference, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sharded")
   probe = run_probe(workdir, "--config.mesh.trial=4", "--config.mesh.data=2", "--config.checkpoint.enabled=False",
-                    "--config.trials.parallel=map", AGEJAX_CPU_DEVICES="8")
+                    "--config.trials.parallel=map", "--config.mesh.cpu_devices=8", AGEJAX_CPU_DEVICES="")
   return workdir, probe
 
 
@@ -25,7 +25,7 @@ def test_sharded_study_matches_unsharded(tiny_reference, sharded):
 
 def test_group_state_is_sharded_over_the_mesh(sharded):
   probe = sharded[1]
-  assert probe["devices"] == 8
+  assert probe["devices"] == 8  # made by config.mesh.cpu_devices
   # 3 trials padded to 4 on the 4-device trial axis: one trial per device pair, copied on the 'data' axis.
   group = probe["groups"]["3"]
   assert group["sharding"] == "NamedSharding" and group["spec"] == "P('trial',)"
@@ -39,6 +39,26 @@ def test_one_trace_per_strategy_and_group_size(tiny_reference, sharded):
   assert tiny_reference[1]["groups"]["3"]["sharding"] == "SingleDeviceSharding"
   # Sharded: the 3 trials of each size form one group padded to 4, so one program serves both sizes.
   assert sharded[1]["traces"] == {"map,4": 1}
+
+
+@pytest.fixture(scope="module")
+def looped(tmp_path_factory):
+  """'loop' on 2 CPU devices: one trial per device at a time, the engine's default on a 2-core CPU."""
+  workdir = tmp_path_factory.mktemp("looped")
+  probe = run_probe(workdir, "--config.checkpoint.enabled=False", "--config.trials.parallel=loop",
+                    AGEJAX_CPU_DEVICES="2")
+  return workdir, probe
+
+
+def test_loop_over_devices_matches_one_device(tiny_reference, looped):
+  got = results(looped[0])
+  assert {r["strategy"] for r in got} == {"loop"}
+  assert_same_results(got, results(tiny_reference[0]), exact=False, ignore=("strategy",))
+  probe = looped[1]
+  assert probe["devices"] == 2
+  group = probe["groups"]["3"]  # 3 trials: groups of 2, one trial per device, the last padded
+  assert group["spec"] == "P('trial',)" and group["shape"][0] == 2 and group["shard_rows"] == [1]
+  assert probe["traces"] == {"loop,2": 1}  # one program for both sizes and every group
 
 
 def test_trial_axis_size_rule():

@@ -47,11 +47,18 @@ def test_demo_writes_every_output(demo_run):
   lines = [x for x in split.read_text().splitlines() if not x.startswith("#")]
   assert len(lines) == 3
   assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "synthetic"
+  plan = json.loads((workdir / "conv_plan.json").read_text())["plan"]  # what a rerun here follows
+  # VGG-16: 13 convolutions of 9 distinct shapes (conv3_2 = conv3_3, conv4_2 = conv4_3, conv5_1 = 5_2 = 5_3)
+  assert len(plan) == 9 and set(plan.values()) <= {"lax", "canonical", "patches"}
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tb"))
   best = workdir / "checkpoints" / "scratch" / "n00003_best"
   assert (best / "agejax_prior.json").exists()
   # the pre-training stage wrote a prior directory that the learning curve used
   assert any(d.startswith("pretrained-") for d in os.listdir(workdir / "priors"))
+  # both priors share one compiled engine (same architecture), yet each trains from its own weights
+  untouched = {r["prior"]: r["mae"] for r in rows if r["n_train"] == 0}
+  first = {p: [r["mae"] for r in rows if r["prior"] == p and r["n_train"] == 3] for p in priors}
+  assert untouched["scratch"] != untouched["pretrained"] and first["scratch"] != first["pretrained"]
 
 
 def test_rerun_resumes_without_new_rows(demo_run):

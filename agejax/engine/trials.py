@@ -12,13 +12,17 @@ compiled program serves every training-set size of a study.
 Strategies for the trial axis (`parallel`):
   'vmap'  one program, trials vectorised (in groups of `trial_chunk`);
   'map'   one program, `lax.map` over trials (vectorised `trial_chunk` at a time);
-  'loop'  one program per trial, called in a Python loop (often fastest on CPU: vmapped convolutions
-          with per-trial weights become grouped convolutions);
-  'auto'  measures the three on the real shapes, caches and logs the fastest.
+  'loop'  one program per trial (per device), called in a Python loop (fastest on CPU: vmapped
+          convolutions with per-trial weights become grouped convolutions);
+  'auto'  measures the candidates on the real shapes, caches and logs the fastest.
+
+With several devices (e.g. one CPU device per core), groups spread their trials over the devices, each
+device running its own block (`_per_device`); a 'loop' group then holds one trial per device.
 """
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -183,10 +187,11 @@ class TrialRunner:
   'map' puts all trials through one `lax.map` program (`trial_chunk` vectorised at a time). Only one
   group's state is alive at a time, which bounds memory for large models.
 
-  With a `mesh` config (`agejax.parallel.sharding.MeshConfig`), 'vmap' and 'map' groups that get a mesh
-  of several devices are stacked straight into global arrays sharded along the 'trial' axis (padded with
-  copies of the last trial to a multiple of its size; the copies are dropped from every output), each
-  trial's batch indices are split over the 'data' axis, and pool and test images are replicated.
+  With a `mesh` config (`agejax.parallel.sharding.MeshConfig`), groups that get a mesh of several devices
+  are stacked straight into global arrays sharded along the 'trial' axis (padded with copies of the last
+  trial to a multiple of its size; the copies are dropped from every output), each trial's batch indices
+  are split over the 'data' axis, and pool and test images are replicated. A 'loop' group then holds one
+  trial per device of the trial axis, so one compiled program serves every size.
   `trace_counts[(strategy, group size)]` counts how often the chunk program was traced.
   """
 
@@ -211,19 +216,18 @@ class TrialRunner:
     """Sets the `MeshConfig` used by groups formed from now on (None: never shard)."""
     self.mesh_config = mesh
 
-  def _count(self, state: TrialState) -> None:  # runs while tracing only
-    size = 1 if self.strategy == "loop" else jax.tree.leaves(state)[0].shape[0]
+  def _count(self, state: TrialState, stacked: bool) -> None:  # runs while tracing only
+    size = jax.tree.leaves(state)[0].shape[0] if stacked else 1
     self.trace_counts[(self.strategy, size)] += 1
 
   def _programs(self, mesh: Any) -> tuple[Callable, Callable]:
-    """The train and predict functions of this strategy (vmapped over the mesh's trial axis if `mesh`)."""
+    """The train and predict functions of this strategy (run per device on its block of trials if `mesh`)."""
     chunk_fn, predict_fn = self._chunk_fn, self._predict_fn
-    axis = "trial" if mesh is not None else None
     if self.strategy == "loop":
-      train, predict = chunk_fn, predict_fn
+      train, predict = (chunk_fn, predict_fn) if mesh is None else _lone_trial(chunk_fn, predict_fn)
     elif self.strategy == "vmap":
-      train = jax.vmap(chunk_fn, in_axes=(0, None, None, 0, None, None), spmd_axis_name=axis)
-      predict = jax.vmap(predict_fn, in_axes=(0, 0, None), spmd_axis_name=axis)
+      train = jax.vmap(chunk_fn, in_axes=(0, None, None, 0, None, None))
+      predict = jax.vmap(predict_fn, in_axes=(0, 0, None))
     else:
       batch = self.trial_chunk or None
 
@@ -234,11 +238,13 @@ class TrialRunner:
       def predict(p, b, x):
         return lax.map(lambda a: predict_fn(a[0], a[1], x), (p, b), batch_size=batch)
 
-      if mesh is not None:  # each device maps over its own block of trials
-        train, predict = _map_per_device(train, predict, mesh.shape["trial"])
+    if mesh is not None:
+      train, predict = _per_device(train, predict, mesh)
+
+    stacked = self.strategy != "loop" or mesh is not None
 
     def counted(state, *args):
-      self._count(state)
+      self._count(state, stacked)
       return train(state, *args)
 
     return counted, predict
@@ -252,7 +258,7 @@ class TrialRunner:
     return self._on_mesh[mesh]
 
   def _group_mesh(self, group_trials: int) -> Any:
-    if self.strategy == "loop" or self.mesh_config is None:
+    if self.mesh_config is None:
       return None
     return sharding_lib.mesh_for_group(self.mesh_config, group_trials)
 
@@ -266,68 +272,89 @@ class TrialRunner:
     return self._placed[key][1]
 
   def _layout(self, group_trials: int) -> tuple[Any, int]:
-    """(mesh or None, padded group size) for groups of up to `group_trials` trials."""
+    """(mesh or None, padded group size) for groups of up to `group_trials` trials ('loop': for a size of
+    `group_trials` trials, whose groups hold one trial per device)."""
     mesh = self._group_mesh(group_trials)
+    if self.strategy == "loop":
+      return mesh, 1 if mesh is None else mesh.shape["trial"]
     return mesh, group_trials if mesh is None else sharding_lib.round_up(group_trials, mesh.shape["trial"])
+
+  def _stacked(self) -> bool:
+    """Whether the groups of the size `slices` last split are stacked (all but single-device 'loop')."""
+    return self.strategy != "loop" or (self._sized is not None and self._sized[0] is not None)
 
   def slices(self, num_trials: int) -> list[slice]:
     """The groups of trials run together (one compiled program serves groups of one size).
 
     With a mesh, every group of the size is padded to the first one's size, so they share one program."""
     if self.strategy == "loop":
-      return _groups(num_trials, 1)
+      self._sized = self._layout(num_trials)
+      return _groups(num_trials, self._sized[1])
     nominal = min(self.trial_chunk or num_trials, num_trials) if self.strategy == "vmap" else num_trials
     self._sized = self._layout(nominal)
     return _groups(num_trials, self._sized[1])
 
   def group(self, states: Sequence[TrialState]) -> TrialState:
-    """One group's state from its trials' states (stacked unless 'loop'; sharded if the group gets a mesh)."""
-    if self.strategy == "loop":  # own copy: the step donates its state, and trials share the prior's buffers
-      return jax.tree.map(jnp.copy, states[0])
+    """One group's state from its trials' states (stacked unless single-device 'loop'; sharded if the group
+    gets a mesh)."""
     layout = self._sized
     mesh, size = layout if layout and layout[0] is not None and len(states) <= layout[1] else self._layout(len(states))
+    if mesh is None and self.strategy == "loop":
+      if len(states) != 1:
+        raise ValueError(f"a single-device 'loop' group holds one trial, got {len(states)}")
+      return jax.tree.map(jnp.copy, states[0])  # own copy: the step donates it, and trials share the prior's buffers
     if mesh is None:
       return stack_trees(states)
     return sharding_lib.stack_to_global(states, NamedSharding(mesh, P("trial")), size)
 
   def ungroup(self, state: TrialState, size: int) -> list[TrialState]:
-    """The first `size` trials of a group (padding dropped); gathered to the host if sharded over processes.
+    """The first `size` trials of a group (padding dropped), as host arrays (PRNG keys stay key arrays).
 
-    With several processes and a sharded group, every process must call it."""
-    if self.strategy == "loop":
+    The group comes to the host in one transfer: slicing device arrays trial by trial costs one dispatch per
+    leaf and trial (34 s of a 160 s demo run). With several processes and a sharded group, every process
+    must call it."""
+    if self.strategy == "loop" and sharding_lib.mesh_of(state) is None:
       return [state]
-    if not all(x.is_fully_addressable for x in jax.tree.leaves(state)):
-      state = sharding_lib.to_host(state)
-    return unstack_tree(state, size)
+    return unstack_tree(sharding_lib.to_host(state), size)
 
-  def train(self, state: TrialState, batch_idx: np.ndarray, step0: int, hyper: Hyper, pool_images: jax.Array,
-            pool_ages: jax.Array) -> tuple[TrialState, np.ndarray]:
-    """Advances one group by one chunk of steps; `batch_idx` is (group, K, B) (or (K, B) for 'loop').
-
-    Returns the new state and the losses (group size, K) of the trials in `batch_idx` (padding dropped)."""
-    mesh = None if self.strategy == "loop" else sharding_lib.mesh_of(state)
+  def _train_call(self, state: TrialState, batch_idx: np.ndarray, step0: int, hyper: Hyper,
+                  pool_images: jax.Array, pool_ages: jax.Array) -> tuple[Callable, tuple]:
+    """The program and arguments of one chunk of a group (a sharded group's program compiled ahead of time)."""
+    mesh = sharding_lib.mesh_of(state)
     if mesh is None:
-      state, loss = self._train(state, jnp.asarray(step0, jnp.int32), hyper, jnp.asarray(batch_idx), pool_images,
-                                pool_ages)
-      loss = np.asarray(loss)
-      return state, (loss[None] if self.strategy == "loop" else loss)
-    rows = len(batch_idx)
+      return self._train, (state, jnp.asarray(step0, jnp.int32), hyper, jnp.asarray(batch_idx), pool_images,
+                           pool_ages)
     idx = _pad_rows(np.asarray(batch_idx, np.int32), jax.tree.leaves(state)[0].shape[0])
     replicated = NamedSharding(mesh, P())
     scalars = jax.tree.map(lambda x: sharding_lib.to_global(np.asarray(x), replicated), (np.int32(step0), hyper))
     idx = sharding_lib.to_global(idx, NamedSharding(mesh, sharding_lib.index_spec(mesh, idx.shape[-1])))
     train, _ = self._mesh_programs(mesh)
     args = (state, *scalars, idx, self._replicated(pool_images, mesh), self._replicated(pool_ages, mesh))
-    state, loss = self._executable(train, args)(*args)
-    return state, np.asarray(loss)[:rows]
+    return self._executable(train, args), args
+
+  def compile_train(self, state: TrialState, batch_idx: np.ndarray, step0: int, hyper: Hyper,
+                    pool_images: jax.Array, pool_ages: jax.Array) -> Any:
+    """The compiled chunk program of a group like `state` (for timing compilation apart from running)."""
+    program, args = self._train_call(state, batch_idx, step0, hyper, pool_images, pool_ages)
+    return program.lower(*args).compile() if program is self._train else program
+
+  def train(self, state: TrialState, batch_idx: np.ndarray, step0: int, hyper: Hyper, pool_images: jax.Array,
+            pool_ages: jax.Array) -> tuple[TrialState, np.ndarray]:
+    """Advances one group by one chunk of steps; `batch_idx` is (group, K, B) ((K, B): a single-device 'loop').
+
+    Returns the new state and the losses (group size, K) of the trials in `batch_idx` (padding dropped)."""
+    program, args = self._train_call(state, batch_idx, step0, hyper, pool_images, pool_ages)
+    state, loss = program(*args)
+    loss = np.asarray(loss)
+    return state, (loss[None] if np.ndim(batch_idx) == 2 else loss[:len(batch_idx)])  # 2: a lone 'loop' trial
 
   def group_rows(self, array: np.ndarray, sl: slice) -> np.ndarray:
-    """A group's slice of a per-trial array (the lone trial's row for 'loop')."""
-    return array[sl.start] if self.strategy == "loop" else array[sl]
+    """A group's slice of a per-trial array (the lone trial's row for a single-device 'loop')."""
+    return array[sl] if self._stacked() else array[sl.start]
 
   def predict(self, state: TrialState, images: jax.Array) -> np.ndarray:
     """Predicted ages (group size, N) on one batch of uint8 crops (a sharded group's padding included)."""
-    mesh = None if self.strategy == "loop" else sharding_lib.mesh_of(state)
+    mesh = sharding_lib.mesh_of(state)
     if mesh is None:
       out = np.asarray(self._predict(state.params, state.batch_stats, images))
       return out[None] if self.strategy == "loop" else out
@@ -351,21 +378,31 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)]) if extra > 0 else array
 
 
-def _map_per_device(train: Callable, predict: Callable, m: int) -> tuple[Callable, Callable]:
-  """'map' programs over a mesh: a vmap over the `m` devices of the trial axis of `lax.map` over each block."""
+def _lone_trial(chunk_fn: Callable, predict_fn: Callable) -> tuple[Callable, Callable]:
+  """'loop' functions on a device's block of a one-trial-per-device group (a block of one trial)."""
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+  add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
 
-  def over_devices(fn, *trial_args):
-    split = lambda x: x.reshape((m, x.shape[0] // m, *x.shape[1:]))  # noqa: E731
-    out = jax.vmap(fn, spmd_axis_name="trial")(*jax.tree.map(split, trial_args))
-    return jax.tree.map(lambda x: x.reshape((-1, *x.shape[2:])), out)
+  def train(state, step0, hyper, batch_idx, pool_images, pool_ages):
+    return add_axis(chunk_fn(first(state), step0, hyper, batch_idx[0], pool_images, pool_ages))
 
-  def train_blocks(states, step0, hyper, batch_idx, pool_images, pool_ages):
-    return over_devices(lambda s, b: train(s, step0, hyper, b, pool_images, pool_ages), states, batch_idx)
+  def predict(params, batch_stats, images):
+    return predict_fn(first(params), first(batch_stats), images)[None]
 
-  def predict_blocks(params, batch_stats, images):
-    return over_devices(lambda p, b: predict(p, b, images), params, batch_stats)
+  return train, predict
 
-  return train_blocks, predict_blocks
+
+def _per_device(train: Callable, predict: Callable, mesh: Any) -> tuple[Callable, Callable]:
+  """Programs over a mesh: every device runs `train` / `predict` on its own block of trials.
+
+  `shard_map` is manual over 'trial' only; the 'data' axis stays automatic, so the compiler still splits a
+  trial's batch over it (and sums the gradients). Written per device rather than as a vmap whose trial axis
+  the compiler partitions: on CPU that partitioned vmap ran 7x slower than one device (36 vs 256 images/s,
+  2 devices, vgg16_tiny), since it keeps the vmapped (grouped) convolutions."""
+  trials, same = P("trial"), P()
+  per_device = functools.partial(jax.shard_map, mesh=mesh, axis_names={"trial"}, check_vma=False)
+  return (per_device(train, in_specs=(trials, same, same, trials, same, same), out_specs=(trials, trials)),
+          per_device(predict, in_specs=(trials, trials, same), out_specs=trials))
 
 
 def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, crop: int,
@@ -403,9 +440,23 @@ def auto_key(spec: Any, num_trials: int, chunk_steps: int, pool_shape: tuple[int
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def default_candidates() -> tuple[str, ...]:
+  """What 'auto' measures by default: all three on accelerators; on a CPU only 'loop', nothing to measure.
+
+  On a CPU (docs/benchmarks.md): 'vmap' ran slowest in every measurement (grouped convolutions); 'map' and
+  'loop' train equally fast over the per-core CPU devices, but 'map' compiles a program per trial count
+  (per size) where 'loop' compiles one for the whole study, and timing a candidate costs a compile."""
+  return ("loop",) if jax.default_backend() == "cpu" else STRATEGIES
+
+
 def choose_strategy(key: str, measure: Callable[[str], float], candidates: Sequence[str] = STRATEGIES,
                     log: logging.Logger | None = None) -> tuple[str, dict[str, float]]:
   """The fastest strategy for `key` (seconds per chunk from `measure`), cached on disk."""
+  if len(candidates) == 1:
+    if log:
+      log.info("trials.parallel=auto: %r, the only candidate", candidates[0])
+    return candidates[0], {}
+  key = f"{key}/{'+'.join(candidates)}"
   path = _cache_path()
   cache = {}
   if os.path.exists(path):

@@ -2,7 +2,8 @@
 T trials fine-tuned from the prior on disjoint random draws, evaluated on one fixed test set.
 
 Outputs in the workdir: results.csv (a row per trial), table.md, learning_curve.png, splits/ (every
-trial's training list), config.json, data_report.json, tb/ (TensorBoard), checkpoints/ (the best and
+trial's training list), config.json, data_report.json, conv_plan.json (the convolution implementation
+each layer used, followed again by a rerun in the same workdir), tb/ (TensorBoard), checkpoints/ (the best and
 median trial of each size as prior directories, usable by `agejax.predict`), ckpt/ (checkpoints inside
 the size being trained, agejax.engine.checkpoint). A rerun of the same command skips the (prior, size)
 pairs already in results.csv and resumes an interrupted size from its latest checkpoint. Groups of trials
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -74,13 +75,26 @@ def draw_subset(data: StudyData, n: int, seed: int) -> tuple[np.ndarray, np.ndar
   return bases, items
 
 
+def make_initial_state(prior: Prior, optimizer: Any, image_size: int) -> Callable[[int], trials_lib.TrialState]:
+  """seed -> the trial's starting state (the prior's weights, a new head drawn from the seed if the prior gets
+  one, fresh optimiser state, the trial's PRNG key), as one compiled program: built op by op, a trial's
+  start cost ~0.2 s of dispatches, longer than a demo trial trains. The prior's weights are an argument,
+  not constants baked into the program."""
+
+  def start(variables: Any, seed: jax.Array) -> trials_lib.TrialState:
+    key = jax.random.key(seed)
+    params = dict(variables["params"])
+    if prior.new_head:  # the paper's new 101-way head: gaussian std 0.01, drawn per trial
+      params["head"] = init_head(prior.model, variables, image_size, jax.random.fold_in(key, 3))
+    return trials_lib.TrialState(params, variables.get("batch_stats", {}), optimizer.init(params), key)
+
+  start = jax.jit(start)
+  return lambda seed: start(prior.variables, jnp.asarray(seed, jnp.uint32))
+
+
 def initial_state(prior: Prior, optimizer: Any, seed: int, image_size: int) -> trials_lib.TrialState:
-  key = jax.random.key(seed)
-  params = dict(prior.variables["params"])
-  if prior.new_head:  # the paper's new 101-way head: gaussian std 0.01, drawn per trial
-    params["head"] = init_head(prior.model, prior.variables, image_size, jax.random.fold_in(key, 3))
-  params = jax.tree.map(jnp.asarray, params)
-  return trials_lib.TrialState(params, prior.variables.get("batch_stats", {}), optimizer.init(params), key)
+  """One trial's starting state (compiles on every call; `make_initial_state` for many trials)."""
+  return make_initial_state(prior, optimizer, image_size)(seed)
 
 
 def with_engine_backbone(prior: Prior, conv_impl: str = "spec", compute_dtype: str = "spec") -> Prior:
@@ -104,13 +118,14 @@ def with_engine_backbone(prior: Prior, conv_impl: str = "spec", compute_dtype: s
 class PriorEngine:
   """Compiled pieces for one prior, shared by every size: optimiser, chunk and predict functions, runners."""
 
-  def __init__(self, cfg: Any, prior: Prior, chunk_steps: int, shared_bytes: int = 0):
+  def __init__(self, cfg: Any, prior: Prior, chunk_steps: int, shared_bytes: int = 0, plan_file: str | None = None):
     self.cfg, self.prior, self.chunk_steps = cfg, prior, chunk_steps
     if prior.spec.get("backbone", {}).get("conv_impl") == "auto" and jax.process_count() > 1:
       # Processes must compile identical programs; per-process timings could disagree, so no measuring.
       log.info("prior %s: several processes, convolutions use the %r fallback", prior.name, conv_tuning.FALLBACK)
     elif prior.spec.get("backbone", {}).get("conv_impl") == "auto":
-      counts = conv_tuning.tune_model(prior.model, prior.variables, (cfg.batch_size, cfg.data.crop, cfg.data.crop, 3))
+      counts = conv_tuning.tune_model(prior.model, prior.variables, (cfg.batch_size, cfg.data.crop, cfg.data.crop, 3),
+                                      plan_file=plan_file)
       log.info("prior %s: convolution plan %s", prior.name, counts)
     self.optimizer = make_optimizer(cfg.optim, prior.variables["params"])
     self.step_cfg = trials_lib.StepConfig(cfg.batch_size, cfg.data.crop, mirror=cfg.data.get("mirror", True),
@@ -131,6 +146,7 @@ class PriorEngine:
     self.predict_fn = trials_lib.make_predict(prior.model, prior.head_kind(), prior.preprocess)
     self._runners: dict[str, trials_lib.TrialRunner] = {}
     self.auto_choice: str | None = None
+    self._initial_state: tuple[Prior | None, Callable] = (None, make_initial_state)
 
   def runner(self, strategy: str) -> trials_lib.TrialRunner:
     if strategy not in self._runners:
@@ -138,7 +154,9 @@ class PriorEngine:
     return self._runners[strategy]
 
   def initial_state(self, seed: int) -> trials_lib.TrialState:
-    return initial_state(self.prior, self.optimizer, seed, self.cfg.data.crop)
+    if self._initial_state[0] is not self.prior:  # priors of one architecture share the engine
+      self._initial_state = (self.prior, make_initial_state(self.prior, self.optimizer, self.cfg.data.crop))
+    return self._initial_state[1](seed)
 
 
 def _scores(pred: np.ndarray, data: StudyData) -> dict[str, float]:
@@ -237,6 +255,16 @@ class Study:
         f.write(f"{data.pool_names[b]}\t{ages[int(b)]:g}\n")
     return rel
 
+  def conv_plan_file(self) -> str:
+    """The workdir's convolution plan (`conv_plan.json`), seeded from `config.trials.conv_plan` if set."""
+    path = os.path.join(self.workdir, "conv_plan.json")
+    seed_file = self.cfg.trials.get("conv_plan", "")
+    if seed_file and not os.path.exists(path):
+      if not os.path.exists(seed_file):
+        raise ConfigError(f"config.trials.conv_plan={seed_file!r} does not exist")
+      conv_tuning.write_plan_file(path, conv_tuning.read_plan_file(seed_file))
+    return path
+
   # -- one size --------------------------------------------------------------------------------------
   def engine_for(self, prior: Prior) -> "PriorEngine":
     """The compiled engine for a prior; priors of one architecture and preprocessing share it."""
@@ -245,7 +273,8 @@ class Study:
     key = json.dumps([prior.spec, prior.preprocess.to_dict()], sort_keys=True, default=str)
     engines = self.__dict__.setdefault("_engines", {})
     if key not in engines:
-      engines[key] = PriorEngine(self.cfg, prior, self.chunk_steps, getattr(self, "shared_bytes", 0))
+      engines[key] = PriorEngine(self.cfg, prior, self.chunk_steps, getattr(self, "shared_bytes", 0),
+                                 plan_file=self.conv_plan_file())
     engine = engines[key]
     engine.prior = prior
     return engine
@@ -443,8 +472,8 @@ class Study:
       return trials_lib.time_chunk(engine.runner(name), make_states, first_chunk, hyper, dev["pool_images"],
                                    dev["pool_ages"])
 
-    choice, _ = trials_lib.choose_strategy(key, measure, self.cfg.trials.get("auto_candidates", trials_lib.STRATEGIES),
-                                           log)
+    candidates = tuple(self.cfg.trials.get("auto_candidates") or trials_lib.default_candidates())
+    choice, _ = trials_lib.choose_strategy(key, measure, candidates, log)
     engine.auto_choice = choice
     return choice
 

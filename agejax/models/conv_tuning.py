@@ -7,6 +7,8 @@ compute), times each candidate implementation on it (forward and both gradients,
 `lax.scan`, which is where the engine runs its steps), and keeps the fastest. Choices are cached in
 `$AGEJAX_CACHE/conv_impls.json` (default `~/.cache/agejax`) keyed by backend, device kind and signature, so
 a second run measures nothing. A signature missing from the plan falls back to 'canonical'.
+A study also writes the plan it used into its workdir (`conv_plan.json`) and follows that file when it
+runs there again, so timings measured afresh never change a rerun's numbers.
 
 All implementations compute the same convolution (tests compare values and gradients), so the plan only
 changes speed, never results beyond float rounding.
@@ -159,11 +161,50 @@ def model_signatures(model: Any, variables: Any, x_shape: Sequence[int], dtype: 
   return list(dict.fromkeys(sigs))
 
 
-def tune_model(model: Any, variables: Any, x_shape: Sequence[int], impls: Sequence[str] = IMPLS) -> dict[str, int]:
-  """Measures (or reads from the cache) the plan for every convolution of `model`; returns counts per choice."""
+def read_plan_file(path: str) -> dict[Signature, str]:
+  """A plan written by `write_plan_file` ({} when the file does not exist)."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+    plan = {_signature_from_json(key): impl for key, impl in raw["plan"].items()}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: not a convolution plan written by agejax ({e})") from e
+  bad = {v for v in plan.values() if v not in IMPLS}
+  if bad:
+    raise ValueError(f"{path}: unknown convolution implementations {sorted(bad)}; expected {IMPLS}")
+  return plan
+
+
+def write_plan_file(path: str, plan: dict[Signature, str]) -> None:
+  """Merges `plan` into the plan file at `path` (atomically)."""
+  merged = {**read_plan_file(path), **plan}
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump({"device": _device_key(), "plan": {json.dumps(sig): impl for sig, impl in merged.items()}}, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _signature_from_json(key: str) -> Signature:
+  x_shape, k_shape, strides, pads, groups, dtype = json.loads(key)
+  return signature(x_shape, k_shape, strides, pads, groups, dtype)
+
+
+def tune_model(model: Any, variables: Any, x_shape: Sequence[int], impls: Sequence[str] = IMPLS,
+               plan_file: str | None = None) -> dict[str, int]:
+  """Measures (or reads from the cache) the plan for every convolution of `model`; returns counts per choice.
+
+  With `plan_file`, choices already in that file are used as they are (so a run repeats an earlier run's
+  numbers exactly, whatever the timings say today) and the plan used is merged back into it."""
   sigs = model_signatures(model, variables, x_shape)
-  plan = tune_signatures(sigs, impls)
+  fixed = read_plan_file(plan_file) if plan_file else {}
+  plan = {sig: fixed[sig] for sig in sigs if sig in fixed}
+  plan.update(tune_signatures([sig for sig in sigs if sig not in plan], impls))
   set_plan(plan)
+  if plan_file:
+    write_plan_file(plan_file, plan)
   counts: dict[str, int] = {}
   for impl in plan.values():
     counts[impl] = counts.get(impl, 0) + 1

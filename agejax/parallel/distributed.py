@@ -7,8 +7,14 @@ Environment (read by `maybe_initialize`, first match wins):
   AGEJAX_DISTRIBUTED=auto
       `jax.distributed.initialize()` with no arguments: JAX detects TPU pods, Slurm and Open MPI itself.
   AGEJAX_CPU_DEVICES=K
-      K fake CPU devices per process (`jax_num_cpu_devices`), with or without the above.
+      K CPU devices per process (`jax_num_cpu_devices`), with or without the above.
 Nothing set means a single process: nothing is initialized.
+
+CPU devices: independent trials train concurrently, one block per device, and on a CPU several devices
+(one per core) beat one device whose small convolutions are split over all cores (`docs/benchmarks.md`).
+So unless AGEJAX_CPU_DEVICES or XLA_FLAGS' `--xla_force_host_platform_device_count` says otherwise, the
+process gets `cpu_devices` CPU devices (the config's `mesh.cpu_devices`; 0 = one per usable core, at most
+`MAX_AUTO_CPU_DEVICES`). Accelerator backends are unaffected.
 """
 
 import os
@@ -20,6 +26,7 @@ from jax._src import xla_bridge  # no public way to ask whether a backend alread
 from agejax.errors import ConfigError
 
 _ENV_KEYS = ("AGEJAX_COORDINATOR", "AGEJAX_NUM_PROCESSES", "AGEJAX_PROCESS_ID")
+MAX_AUTO_CPU_DEVICES = 8  # every CPU device holds its own copy of the image pool
 
 
 def _env_int(name: str) -> int:
@@ -36,12 +43,34 @@ def _may_use_cpu() -> bool:
   return not platforms or "cpu" in platforms.split(",")
 
 
-def _configure_cpu() -> None:
+def usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on every OS
+    return os.cpu_count() or 1
+
+
+def cpu_device_count(cpu_devices: int = 0) -> int | None:
+  """CPU devices to create: AGEJAX_CPU_DEVICES (if not empty), else None if XLA_FLAGS already sets a count, else
+  `cpu_devices`, else one per usable core (at most `MAX_AUTO_CPU_DEVICES`)."""
+  if os.environ.get("AGEJAX_CPU_DEVICES"):
+    n = _env_int("AGEJAX_CPU_DEVICES")
+  elif "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  else:
+    n = cpu_devices or min(usable_cores(), MAX_AUTO_CPU_DEVICES)
+  if n < 1:
+    raise ConfigError(f"CPU device count must be positive, got {n} (AGEJAX_CPU_DEVICES or mesh.cpu_devices)")
+  return n
+
+
+def _configure_cpu(cpu_devices: int) -> None:
   """Sets CPU options; they must precede the first backend use, so only touch them while that is possible."""
   if xla_bridge.backends_are_initialized():
     return
-  if "AGEJAX_CPU_DEVICES" in os.environ:
-    jax.config.update("jax_num_cpu_devices", _env_int("AGEJAX_CPU_DEVICES"))
+  n = cpu_device_count(cpu_devices)
+  if n is not None:
+    jax.config.update("jax_num_cpu_devices", n)
   if _may_use_cpu():
     # Without a CPU collectives implementation, cross-process computations on CPU fail at run time.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -76,8 +105,9 @@ def _init_kwargs() -> dict[str, Any] | None:
   return None
 
 
-def maybe_initialize() -> bool:
-  """Initializes JAX's multi-process runtime when the launch environment asks for it (idempotent).
+def maybe_initialize(cpu_devices: int = 0) -> bool:
+  """Initializes JAX's multi-process runtime when the launch environment asks for it (idempotent), and sets
+  the CPU device count (`cpu_device_count`) while the backend does not exist yet.
 
   Returns whether the distributed runtime is active after the call. Call it before any other JAX use.
   """
@@ -86,7 +116,7 @@ def maybe_initialize() -> bool:
   kwargs = _init_kwargs()
   if kwargs is not None and xla_bridge.backends_are_initialized():
     raise RuntimeError("maybe_initialize() must run before any JAX computation or jax.devices() call")
-  _configure_cpu()
+  _configure_cpu(cpu_devices)
   if kwargs is None:
     return False
   jax.distributed.initialize(**kwargs)
