@@ -120,13 +120,15 @@ class PriorEngine:
 
   def __init__(self, cfg: Any, prior: Prior, chunk_steps: int, shared_bytes: int = 0, plan_file: str | None = None):
     self.cfg, self.prior, self.chunk_steps = cfg, prior, chunk_steps
-    if prior.spec.get("backbone", {}).get("conv_impl") == "auto" and jax.process_count() > 1:
-      # Processes must compile identical programs; per-process timings could disagree, so no measuring.
-      log.info("prior %s: several processes, convolutions use the %r fallback", prior.name, conv_tuning.FALLBACK)
-    elif prior.spec.get("backbone", {}).get("conv_impl") == "auto":
-      counts = conv_tuning.tune_model(prior.model, prior.variables, (cfg.batch_size, cfg.data.crop, cfg.data.crop, 3),
-                                      plan_file=plan_file)
-      log.info("prior %s: convolution plan %s", prior.name, counts)
+    if prior.spec.get("backbone", {}).get("conv_impl") == "auto":
+      # Processes must compile identical programs and their timings could disagree: process 0 measures (or
+      # follows its plan file) and every process takes its choices.
+      main = jax.process_index() == 0
+      plan = conv_tuning.plan_model(prior.model, prior.variables, (cfg.batch_size, cfg.data.crop, cfg.data.crop, 3),
+                                    plan_file=plan_file if main else None, measure=main)
+      plan = dict(zip(plan, sharding_lib.same_choices(list(plan.values()), conv_tuning.IMPLS)))
+      conv_tuning.set_plan(plan)
+      log.info("prior %s: convolution plan %s", prior.name, conv_tuning.counts_of(plan))
     self.optimizer = make_optimizer(cfg.optim, prior.variables["params"])
     self.step_cfg = trials_lib.StepConfig(cfg.batch_size, cfg.data.crop, mirror=cfg.data.get("mirror", True),
                                           random_crop=cfg.data.get("random_crop", True))

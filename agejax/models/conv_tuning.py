@@ -192,20 +192,33 @@ def _signature_from_json(key: str) -> Signature:
   return signature(x_shape, k_shape, strides, pads, groups, dtype)
 
 
-def tune_model(model: Any, variables: Any, x_shape: Sequence[int], impls: Sequence[str] = IMPLS,
-               plan_file: str | None = None) -> dict[str, int]:
-  """Measures (or reads from the cache) the plan for every convolution of `model`; returns counts per choice.
+def plan_model(model: Any, variables: Any, x_shape: Sequence[int], impls: Sequence[str] = IMPLS,
+               plan_file: str | None = None, measure: bool = True) -> dict[Signature, str]:
+  """The plan for every convolution of `model`, in trace order: measured or read from the cache.
 
   With `plan_file`, choices already in that file are used as they are (so a run repeats an earlier run's
-  numbers exactly, whatever the timings say today) and the plan used is merged back into it."""
+  numbers exactly, whatever the timings say today) and the plan is merged back into it. With `measure=False`
+  nothing is timed, cached or written, and convolutions missing from the file get the fallback."""
   sigs = model_signatures(model, variables, x_shape)
   fixed = read_plan_file(plan_file) if plan_file else {}
-  plan = {sig: fixed[sig] for sig in sigs if sig in fixed}
-  plan.update(tune_signatures([sig for sig in sigs if sig not in plan], impls))
-  set_plan(plan)
-  if plan_file:
+  missing = [sig for sig in sigs if sig not in fixed]
+  found = tune_signatures(missing, impls) if measure else dict.fromkeys(missing, FALLBACK)
+  plan = {sig: fixed.get(sig) or found[sig] for sig in sigs}
+  if plan_file and measure:
     write_plan_file(plan_file, plan)
+  return plan
+
+
+def counts_of(plan: dict[Signature, str]) -> dict[str, int]:
   counts: dict[str, int] = {}
   for impl in plan.values():
     counts[impl] = counts.get(impl, 0) + 1
   return counts
+
+
+def tune_model(model: Any, variables: Any, x_shape: Sequence[int], impls: Sequence[str] = IMPLS,
+               plan_file: str | None = None, measure: bool = True) -> dict[str, int]:
+  """`plan_model`, made the active plan; returns counts per choice."""
+  plan = plan_model(model, variables, x_shape, impls, plan_file, measure)
+  set_plan(plan)
+  return counts_of(plan)

@@ -180,8 +180,13 @@ def any_process(flag: bool) -> bool:
 
 def same_choice(value: str, choices: Sequence[str]) -> str:
   """Process 0's `value` in every process (e.g. a strategy each process measured on its own)."""
-  if jax.process_count() == 1:
-    return value
+  return same_choices([value], choices)[0]
+
+
+def same_choices(values: Sequence[str], choices: Sequence[str]) -> list[str]:
+  """Process 0's `values` in every process (every process passes as many, e.g. one per convolution)."""
+  if jax.process_count() == 1 or not values:
+    return list(values)
   barrier("same_choice")
-  index = multihost_utils.broadcast_one_to_all(np.asarray(list(choices).index(value), np.int32))
-  return list(choices)[int(index)]
+  indices = np.asarray([list(choices).index(v) for v in values], np.int32)
+  return [list(choices)[int(i)] for i in np.asarray(multihost_utils.broadcast_one_to_all(indices))]
