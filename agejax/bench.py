@@ -199,8 +199,7 @@ class Setup:
     """Compile seconds, then first-call and steady seconds of one chunk of `steps` steps over all trials."""
     s = self.s
     # All devices on the trial axis when there are several (e.g. one CPU device per core), as the engine does.
-    mesh = sharding_lib.MeshConfig() if jax.device_count() > 1 else None
-    runner = trials_lib.TrialRunner(self.chunk, self.predict, strategy, s.trial_chunk, mesh=mesh)
+    runner = trials_lib.TrialRunner(self.chunk, self.predict, strategy, s.trial_chunk, mesh=sharding_lib.MeshConfig())
     groups = runner.slices(s.trials)
     states = [runner.group([self.state(t) for t in range(sl.start, sl.stop)]) for sl in groups]
     jax.block_until_ready(states)

@@ -92,11 +92,6 @@ def make_initial_state(prior: Prior, optimizer: Any, image_size: int) -> Callabl
   return lambda seed: start(prior.variables, jnp.asarray(seed, jnp.uint32))
 
 
-def initial_state(prior: Prior, optimizer: Any, seed: int, image_size: int) -> trials_lib.TrialState:
-  """One trial's starting state (compiles on every call; `make_initial_state` for many trials)."""
-  return make_initial_state(prior, optimizer, image_size)(seed)
-
-
 def with_engine_backbone(prior: Prior, conv_impl: str = "spec", compute_dtype: str = "spec") -> Prior:
   """The prior with the engine's backbone settings: convolution implementation and compute dtype
   ('bfloat16' computes in bf16 while parameters and optimiser state stay float32). 'spec' keeps the prior's."""
@@ -148,7 +143,7 @@ class PriorEngine:
     self.predict_fn = trials_lib.make_predict(prior.model, prior.head_kind(), prior.preprocess)
     self._runners: dict[str, trials_lib.TrialRunner] = {}
     self.auto_choice: str | None = None
-    self._initial_state: tuple[Prior | None, Callable] = (None, make_initial_state)
+    self._initial_state: tuple[Prior, Callable[[int], trials_lib.TrialState]] | None = None  # (prior, its starter)
 
   def runner(self, strategy: str) -> trials_lib.TrialRunner:
     if strategy not in self._runners:
@@ -156,7 +151,7 @@ class PriorEngine:
     return self._runners[strategy]
 
   def initial_state(self, seed: int) -> trials_lib.TrialState:
-    if self._initial_state[0] is not self.prior:  # priors of one architecture share the engine
+    if self._initial_state is None or self._initial_state[0] is not self.prior:  # priors of one spec share engines
       self._initial_state = (self.prior, make_initial_state(self.prior, self.optimizer, self.cfg.data.crop))
     return self._initial_state[1](seed)
 

@@ -144,12 +144,17 @@ def tune_signatures(sigs: Sequence[Signature], impls: Sequence[str] = IMPLS,
     log.info("conv %s x %s stride %s groups %d: %s -> %s", sig[0], sig[1], sig[2], sig[4],
              {k: round(v * 1e3, 2) for k, v in seconds.items()}, plan[sig])
   if measured:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      json.dump(cache, f, indent=1)
-    os.replace(tmp, path)
+    _write_json(path, cache)
   return plan
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes `obj` to `path` atomically (readers never see half a file)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
 
 
 def model_signatures(model: Any, variables: Any, x_shape: Sequence[int], dtype: Any = jnp.float32) -> list[Signature]:
@@ -180,11 +185,7 @@ def read_plan_file(path: str) -> dict[Signature, str]:
 def write_plan_file(path: str, plan: dict[Signature, str]) -> None:
   """Merges `plan` into the plan file at `path` (atomically)."""
   merged = {**read_plan_file(path), **plan}
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump({"device": _device_key(), "plan": {json.dumps(sig): impl for sig, impl in merged.items()}}, f, indent=1)
-  os.replace(tmp, path)
+  _write_json(path, {"device": _device_key(), "plan": {json.dumps(sig): impl for sig, impl in merged.items()}})
 
 
 def _signature_from_json(key: str) -> Signature:
