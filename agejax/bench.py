@@ -1,13 +1,19 @@
 """Throughput of the trial engine: every trial strategy x conv implementation, plus a PyTorch reference loop.
 
-  python -m agejax.bench                                    # vgg16_tiny, 32 trials, 64 px, batch 8 (NOTES.md)
+  python -m agejax.bench                                    # vgg16_tiny, 32 trials, 64 px, batch 8 (docs/machine.md)
   python -m agejax.bench --quick --no-torch --out tmp/bench.json
 
 Prints one JSON object. For each (strategy, conv_impl) it times the first call of the step chunk (compile
 plus one chunk, reported as `first_call_s`; `compile_s` subtracts the steady chunk time), then the best of
 `--repeats` chunks over all T trials, and reports images/s, XLA's FLOP count of one trial step and the
 achieved FLOP/s. Ratios (`speedup_vs_loop_lax`, `ratio_best_jax_vs_torch`) come from numbers of this run
-only: timings on a shared machine are only comparable within one run.
+only: timings on a shared machine are only comparable within one run. `protocol_grid` costs a paper protocol's
+full grid (`--protocol`) at the measured images/s.
+
+  python -m agejax.bench --model wrn16_8 --freeze backbone --trials 32 --steps 1 --repeats 1 --pool 16
+
+With `--freeze` (agejax.engine.features) it times the tail trained on cached prefix features against the frozen
+stages recomputed every step and a PyTorch loop doing the same partial fine-tuning (`ratio_cached_vs_recompute`).
 """
 
 import argparse
@@ -26,7 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from agejax.configs import tiny_vgg
+from agejax.configs import PAPER_SOLVERS, base_config, solver_sizes, tiny_vgg
+from agejax.engine import features as features_lib
 from agejax.engine import memory as memory_lib
 from agejax.engine import trials as trials_lib
 from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer
@@ -36,7 +43,7 @@ from agejax.models import build_model, conv_tuning
 from agejax.parallel import sharding as sharding_lib
 from agejax.parallel.distributed import maybe_initialize
 
-MODELS = ("vgg16_tiny", "vgg16", "mobilenet_v2", "efficientnet_b3")
+MODELS = ("vgg16_tiny", "vgg16", "mobilenet_v2", "efficientnet_b3", "wrn16_8", "dlib_resnet10")
 CONV_IMPLS = ("auto", "lax", "canonical", "patches")
 # Dense peak FLOP/s per device kind (vendor datasheets; SXM parts), by compute dtype, for MFU.
 PEAK_FLOPS = {
@@ -45,10 +52,24 @@ PEAK_FLOPS = {
     "TPU v4": {"bfloat16": 275e12, "float32": 275e12}, "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
     "TPU v5p": {"bfloat16": 459e12, "float32": 459e12}, "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},
 }
-# The NOTES.md setting; --quick shrinks everything so a test finishes in seconds.
+# The setting of docs/machine.md; --quick shrinks everything (a smoke run: compile time dominates).
 DEFAULTS = dict(trials=32, res=64, batch=8, steps=2, repeats=3, pool=256)
 QUICK = dict(trials=2, res=32, batch=2, steps=1, repeats=1, pool=16)
 PREPROCESS = dict(channel_order="BGR", scale=255.0, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0))
+
+
+def _timed(setup: Any, entry: dict[str, Any], images_per_chunk: int, label: str) -> dict[str, Any]:
+  """`entry` with the timings of `setup.time_strategy(entry['strategy'])` and its images/s, or the error: one
+  failing combination (e.g. out of memory) does not sink the rest."""
+  try:
+    entry.update(setup.time_strategy(entry["strategy"]))
+  except Exception as e:
+    entry["error"] = f"{type(e).__name__}: {e}"[:500]
+    return entry
+  entry["images_per_s"] = images_per_chunk / entry["chunk_s"]
+  print(f"[bench] {label} {entry['images_per_s']:9.1f} images/s  compile {entry['compile_s']:.1f} s",
+        file=sys.stderr, flush=True)
+  return entry
 
 
 def model_spec(model: str, conv_impl: str, quick: bool = False) -> dict[str, Any]:
@@ -59,6 +80,8 @@ def model_spec(model: str, conv_impl: str, quick: bool = False) -> dict[str, Any
     return dict(arch="vgg16", head="dex", backbone=dict(conv_impl=conv_impl))
   if model in ("mobilenet_v2", "efficientnet_b3"):
     return dict(arch=model, head="dex", backbone=dict(conv_impl=conv_impl))
+  if model in AGE_PRIOR_MODELS:
+    return age_prior_spec(model, conv_impl, quick)
   raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
 
 
@@ -260,13 +283,44 @@ def torch_model(spec: dict[str, Any], res: int) -> Any:
   if spec["arch"] == "vgg16":
     b = spec.get("backbone", {})
     return torch_vgg(b.get("width", 1.0), b.get("fc_dim", 4096), res)
+  if spec["arch"] in AGE_PRIOR_MODELS:
+    return torch_age_prior(spec, res)
   import torchvision
 
   return getattr(torchvision.models, spec["arch"])(num_classes=101)
 
 
-def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, Any]:
-  """A plain PyTorch loop over the same T trials one after another: SGD momentum 0.9, softmax CE.
+def torch_partial(model: Any, freeze: str) -> tuple[Any, list[Any]]:
+  """(forward, trained parameters) of a torch WRN/dlib net fine-tuned from stage `freeze` on ('backbone': the
+  head only): the stages before it run in eval mode under no_grad, recomputed every step, as one writes it."""
+  import torch
+
+  if freeze == "none":
+    return model, list(model.parameters())
+  if not hasattr(model, "stages"):
+    raise ValueError(f"the torch {type(model).__name__} has no stages: --freeze needs wrn16_8 or dlib_resnet10")
+  stages = model.stages()
+  cut = len(stages) if freeze == "backbone" else [name for name, _, _ in stages].index(freeze)
+  frozen = [m for _, m, _ in stages[:cut] if m is not None]
+  for m in frozen:
+    m.requires_grad_(False)
+
+  def forward(x):
+    for m in frozen:
+      m.eval()
+    with torch.no_grad():
+      for _, _, f in stages[:cut]:
+        x = f(x)
+    for _, _, f in stages[cut:]:
+      x = f(x)
+    return model.fc(x)
+
+  return forward, [p for p in model.parameters() if p.requires_grad]
+
+
+def torch_reference(spec: dict[str, Any], s: argparse.Namespace, freeze: str = "none") -> dict[str, Any]:
+  """A plain PyTorch loop over the same T trials one after another: SGD momentum 0.9, softmax CE (with `freeze`,
+  only the stages from it on and the head train; `torch_partial`).
 
   On a CUDA device (when torch sees one and the JAX backend is a GPU) the models are channels-last and,
   with `--dtype bfloat16`, the forward runs under bf16 autocast: the fair fast PyTorch recipe. On CPU it is
@@ -290,12 +344,13 @@ def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, An
                      for t in range(s.trials)])
 
   def run_trial(model: Any, opt: Any, order: np.ndarray) -> None:
+    model, forward = model
     model.train()
     for idx in order:
       idx = torch.from_numpy(idx).long().to(device)
       x = (pool[idx].float() - mean).contiguous(memory_format=layout)
       with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = torch.nn.functional.cross_entropy(model(x).float(), labels[idx])
+        loss = torch.nn.functional.cross_entropy(forward(x).float(), labels[idx])
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -313,7 +368,8 @@ def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, An
   trials = []
   for _ in range(s.trials):
     model = torch_model(spec, s.res).to(device, memory_format=layout)
-    trials.append((model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)))
+    forward, trained = torch_partial(model, freeze)
+    trials.append(((model, forward), torch.optim.SGD(trained, lr=1e-4, momentum=0.9, weight_decay=5e-4)))
   by_threads = {}
   for threads in [0] if cuda else s.torch_threads:
     if threads:
@@ -325,9 +381,279 @@ def torch_reference(spec: dict[str, Any], s: argparse.Namespace) -> dict[str, An
   best = max(by_threads, key=lambda k: by_threads[k]["images_per_s"])
   return {"version": torch.__version__, "device": str(device), "channels_last": cuda, "autocast_bf16": autocast,
           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-          "model": type(trials[0][0]).__name__, "params": sum(p.numel() for p in trials[0][0].parameters()),
+          "model": type(trials[0][0][0]).__name__, "params": sum(p.numel() for p in trials[0][0][0].parameters()),
+          "freeze": freeze, "trained_params": sum(p.numel() for p in trials[0][1].param_groups[0]["params"]),
           "by_threads": by_threads, "threads": int(best), "chunk_s": by_threads[best]["chunk_s"],
           "images_per_s": by_threads[best]["images_per_s"]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The real age priors' architectures (issue 13): yu4u's WRN-16-8 and dlib's age ResNet, with PyTorch
+# counterparts of the same architecture for the torch baseline (tests/test_port_wrn.py and test_port_onnx.py
+# check that, with the same weights, they compute what the Flax modules compute).
+
+AGE_PRIOR_MODELS = ("wrn16_8", "dlib_resnet10")
+
+
+def age_prior_spec(model: str, conv_impl: str, quick: bool = False) -> dict[str, Any]:
+  """Bench spec of a real age prior's architecture (--quick: a narrow, shallow member of the same family)."""
+  if model == "wrn16_8":
+    backbone = dict(depth=10, widen_factor=1) if quick else {}
+  else:
+    backbone = dict(width=1 / 8) if quick else {}
+  return dict(arch=model, head="dex", backbone=dict(backbone, conv_impl=conv_impl))
+
+
+def torch_wrn(depth: int = 16, widen_factor: int = 8, pool_size: int = 8, res: int = 64, num_classes: int = 101,
+              bn_eps: float = 1e-3) -> Any:
+  """agejax.models.wideresnet in PyTorch: TF-'SAME' stride-2 convs (bottom/right pad), yu4u's shortcut rule, an
+  average pool that ignores padded cells, and a channels-last flatten so dense weights map one to one."""
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  from agejax.models.wideresnet import STEM_FEATURES, wrn_layout
+
+  def conv(cin: int, cout: int, k: int, stride: int) -> nn.Module:
+    c = nn.Conv2d(cin, cout, k, stride, padding=0 if stride > 1 or k == 1 else k // 2, bias=False)
+    if stride == 1 or k == 1:
+      return c
+    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), c)  # TF 'SAME' for a 3x3 stride-2 conv on even sides
+
+  def bn(c: int) -> nn.Module:
+    return nn.BatchNorm2d(c, eps=bn_eps, momentum=0.01)
+
+  class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+      super().__init__()
+      self.bn1, self.conv1, self.bn2, self.conv2 = bn(cin), conv(cin, cout, 3, stride), bn(cout), conv(cout, cout, 3, 1)
+      self.shortcut = conv(cin, cout, 1, stride) if cin != cout else None
+
+    def forward(self, x):
+      pre = F.relu(self.bn1(x))
+      y = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+      return y + (self.shortcut(pre) if self.shortcut is not None else x)
+
+  class WRN(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = conv(3, STEM_FEATURES, 3, 1)
+      layout = wrn_layout(depth, widen_factor)
+      self.blocks = nn.Sequential(*(Block(cin, cout, stride) for _, cin, cout, stride in layout))
+      cout = layout[-1][2]
+      self.final_bn = bn(cout)
+      lo = (pool_size - 1) // 2
+      self.pool_pad = (lo, pool_size - 1 - lo) * 2
+      self.fc = nn.Linear((res // 4) ** 2 * cout, num_classes)
+
+    def pool(self, x):
+      k = self.pool_pad
+      ones = torch.ones_like(x[:1, :1])
+      x = F.avg_pool2d(F.pad(x, k), pool_size, 1) / F.avg_pool2d(F.pad(ones, k), pool_size, 1)
+      return x.permute(0, 2, 3, 1).flatten(1)
+
+    def stages(self):
+      """[(stage name, module holding its weights, function)] as agejax.models.wideresnet names the stages."""
+      blocks = [(name, block, block) for (name, *_), block in zip(wrn_layout(depth, widen_factor), self.blocks)]
+      return [("stem", self.stem, self.stem), *blocks,
+              ("final", self.final_bn, lambda x: F.relu(self.final_bn(x))), ("pool", None, self.pool)]
+
+    def forward(self, x):
+      x = F.relu(self.final_bn(self.blocks(self.stem(x))))
+      return self.fc(self.pool(x))
+
+  return WRN()
+
+
+def torch_dlib(width: float = 1.0, num_classes: int = 81) -> Any:
+  """agejax.models.dlib_resnet in PyTorch: convs with bias, per-channel affine layers, average-pool shortcuts
+  zero-padded at the end (channels, rows, columns) like dlib's add_prev."""
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  from agejax.models.dlib_resnet import dlib_layout
+
+  class Affine(nn.Module):
+    def __init__(self, c: int):
+      super().__init__()
+      self.scale, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+      return x * self.scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+  def pad_to(x, c: int, h: int, w: int):
+    return F.pad(x, (0, w - x.shape[3], 0, h - x.shape[2], 0, c - x.shape[1]))
+
+  class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, down: bool):
+      super().__init__()
+      self.down = down
+      self.conv1 = nn.Conv2d(cin, cout, 3, 2 if down else 1, 0 if down else 1)
+      self.affine1, self.conv2, self.affine2 = Affine(cout), nn.Conv2d(cout, cout, 3, 1, 1), Affine(cout)
+
+    def forward(self, x):
+      y = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
+      s = F.avg_pool2d(x, 2, 2) if self.down else x
+      shape = [max(a, b) for a, b in zip(y.shape[1:], s.shape[1:], strict=True)]
+      return F.relu(pad_to(y, *shape) + pad_to(s, *shape))
+
+  class DlibNet(nn.Module):
+    def __init__(self):
+      super().__init__()
+      stem, blocks = dlib_layout(width)
+      self.stem_conv, self.stem_affine = nn.Conv2d(3, stem, 7, 2), Affine(stem)
+      layers, cin = [], stem
+      for _, cout, down in blocks:
+        layers.append(Block(cin, cout, down))
+        cin = max(cin, cout)
+      self.blocks = nn.Sequential(*layers)
+      self.fc = nn.Linear(cin, num_classes)
+
+    def stem(self, x):
+      return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
+
+    def stages(self):
+      """[(stage name, module holding its weights, function)] as agejax.models.dlib_resnet names the stages."""
+      names = [name for name, _, _ in dlib_layout(width)[1]]
+      return [("stem", nn.ModuleList([self.stem_conv, self.stem_affine]), self.stem),
+              *((name, block, block) for name, block in zip(names, self.blocks)),
+              ("pool", None, lambda x: x.mean(dim=(2, 3)))]
+
+    def forward(self, x):
+      return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+  return DlibNet()
+
+
+def torch_age_prior(spec: dict[str, Any], res: int) -> Any:
+  """The PyTorch counterpart of a wrn16_8 / dlib_resnet10 bench spec (101 outputs, like the bench's DEX head)."""
+  b = spec.get("backbone", {})
+  if spec["arch"] == "wrn16_8":
+    return torch_wrn(b.get("depth", 16), b.get("widen_factor", 8), b.get("pool_size", 8), res,
+                     spec.get("num_classes", 101))
+  return torch_dlib(b.get("width", 1.0), spec.get("num_classes", 101))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Frozen-prefix trials (--freeze, agejax.engine.features): cached features vs the frozen stages recomputed.
+
+
+def synthetic_pool(s: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+  """The bench's uint8 pool and ages (the same draws as `Setup`'s)."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (s.pool, s.res, s.res, 3), dtype=np.uint8)
+  return images, rng.uniform(1, 90, s.pool).astype(np.float32)
+
+
+class FrozenSetup(Setup):
+  """`Setup` for frozen-prefix trials: the tail trains on the cached features (`inputs` 'cached') or on the
+  frozen stages recomputed every step ('recompute'), through the same trial programs."""
+
+  def __init__(self, prior: Prior, frozen: "features_lib.FrozenPrefix", s: argparse.Namespace, inputs: str,
+               cache: Any):
+    self.s, self.prior, self.frozen, self.conv_plan = s, prior, frozen, None
+    optim_cfg = ml_collections.ConfigDict(dict(name="caffe_sgd", base_lr=1e-4, momentum=0.9, weight_decay=5e-4,
+                                               gamma=0.1, rules=CAFFE_VGG_RULES))
+    self.optimizer = make_optimizer(optim_cfg, frozen.tail_variables["params"])
+    step_cfg = trials_lib.StepConfig(s.batch, s.res)
+    self.initial_state = frozen.initial_state(self.optimizer)
+    ident = lambda x: x  # noqa: E731
+    fn = frozen.cached_inputs if inputs == "cached" else frozen.recompute_inputs
+    self.step = trials_lib.make_train_step(frozen.tail, "dex", ident, self.optimizer, step_cfg, fn)
+    self.chunk = trials_lib.make_train_chunk(frozen.tail, "dex", ident, self.optimizer, step_cfg, fn)
+    self.predict = trials_lib.make_predict(frozen.tail, "dex", ident)
+    images, ages = synthetic_pool(s)
+    self.pool_images = cache if inputs == "cached" else (jnp.asarray(images), prior.variables)
+    self.pool_ages = jnp.asarray(ages)
+    steps = s.steps * (s.repeats + 1)
+    self.orders = np.stack([trials_lib.sample_order(np.arange(s.pool), steps, s.batch, t) for t in range(s.trials)])
+    big = jnp.asarray(10**6, jnp.int32)
+    self.hyper = trials_lib.Hyper(big, big)
+
+  def memory(self) -> dict[str, Any]:
+    state = self.state(0)
+    est = memory_lib.estimate_trial_memory(self.frozen.tail, {"params": state.params,
+                                                              "batch_stats": state.batch_stats},
+                                           state.opt_state, self.s.batch, self.s.res, self.frozen.feature_shape,
+                                           self.frozen.feature_dtype)
+    return {"estimate_per_trial": est.to_dict(), "cache_bytes": self.frozen.cache_bytes(self.s.pool, 0)}
+
+
+def run_freeze(s: argparse.Namespace) -> dict[str, Any]:
+  """Frozen-prefix trials: images/s of the tail trained on cached features vs the frozen stages recomputed every
+  step (both through the trial programs), vs a PyTorch loop doing the same partial fine-tuning."""
+  impl = s.conv_impls[0]  # one convolution implementation for the prefix, the tail and the cache
+  prior = bench_prior(s.model, [impl], s)[impl]
+  plan = conv_tuning.tune_model(prior.model, prior.variables, (s.batch, s.res, s.res, 3)) if impl == "auto" else None
+  frozen = features_lib.build_frozen(prior, s.freeze, {"crop": s.res, "mirror": True, "random_crop": True}, s.res,
+                                     s.cached_crops, "--freeze")
+  images, _ = synthetic_pool(s)
+  t0 = time.perf_counter()
+  cache = jnp.asarray(frozen.compute(images, frozen.view.variants(), s.batch, "bench features", progress=False))
+  cache_s = time.perf_counter() - t0  # includes the prefix's compilation
+  print(f"[bench] feature cache  {cache.shape} in {cache_s:.1f} s", file=sys.stderr, flush=True)
+  images_per_chunk = s.trials * s.steps * s.batch
+  results, memory, best = [], None, {}
+  for inputs in ("cached", "recompute"):
+    setup = FrozenSetup(prior, frozen, s, inputs, cache)
+    memory = memory or setup.memory()
+    for strategy in s.strategies:
+      results.append(_timed(setup, {"inputs": inputs, "strategy": strategy, "conv_impl": impl}, images_per_chunk,
+                            f"{inputs:9s} {strategy:5s}"))
+    ok = [r for r in results if r["inputs"] == inputs and "images_per_s" in r]
+    best[inputs] = max(ok, key=lambda r: r["images_per_s"]) if ok else None
+    del setup
+  torch_result = None
+  if s.torch:
+    try:
+      torch_result = torch_reference(model_spec(s.model, "lax", s.quick), s, s.freeze)
+      print(f"[bench] torch partial {torch_result['images_per_s']:9.1f} images/s", file=sys.stderr, flush=True)
+    except ImportError as e:
+      torch_result = {"error": f"torch not importable: {e}"}
+  torch_ips = (torch_result or {}).get("images_per_s")
+  cached, recompute = (best[k]["images_per_s"] if best[k] else None for k in ("cached", "recompute"))
+  import flax
+  import jaxlib
+
+  return {
+      "device": device_info(),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                   "flax": flax.__version__, "numpy": np.__version__},
+      "settings": {"model": s.model, "spec": model_spec(s.model, "lax", s.quick), "quick": s.quick,
+                   "freeze": s.freeze, "cached_crops": s.cached_crops, "variants": frozen.view.num_variants,
+                   "feature_shape": list(frozen.feature_shape), "trials": s.trials, "res": s.res, "batch": s.batch,
+                   "steps_per_chunk": s.steps, "repeats": s.repeats, "pool": s.pool,
+                   "strategies": list(s.strategies), "conv_impl": impl, "images_per_chunk": images_per_chunk,
+                   "optimizer": "caffe_sgd momentum 0.9, VGG lr rules", "dtype": "float32"},
+      "conv_plan": plan,
+      "cache": {"seconds": cache_s, "images": s.pool * frozen.view.num_variants,
+                "images_per_s": s.pool * frozen.view.num_variants / cache_s, "bytes": int(cache.nbytes)},
+      "results": results,
+      "best": {k: ({f: v[f] for f in ("strategy", "images_per_s")} if v else None) for k, v in best.items()},
+      "memory": memory,
+      "torch": torch_result,
+      "ratio_cached_vs_recompute": cached / recompute if cached and recompute else None,
+      "ratio_cached_vs_torch": cached / torch_ips if cached and torch_ips else None,
+      "ratio_recompute_vs_torch": recompute / torch_ips if recompute and torch_ips else None,
+      "protocol_grid": protocol_grid(cached, s.protocol),
+  }
+
+
+def protocol_grid(images_per_s: float | None, protocol: str = "lap") -> dict[str, Any]:
+  """What a paper protocol's full grid (every size, every trial; agejax.configs.PAPER_SOLVERS) trains: per size
+  n its trials, steps (max_iter) and images (trials x steps x the configs' batch), and in total, with the
+  seconds that takes at `images_per_s` (training only: no evaluation, compilation or feature cache)."""
+  batch = int(base_config().batch_size)
+  rows = [{"n": n, "trials": trials, "steps": max_iter, "images": trials * max_iter * batch}
+          for n, trials, _, max_iter in solver_sizes(PAPER_SOLVERS[protocol])]
+  total = sum(r["images"] for r in rows)
+  for r in rows:
+    r["est_s"] = r["images"] / images_per_s if images_per_s else None
+  return {"protocol": protocol, "batch": batch, "sizes": rows, "trials": sum(r["trials"] for r in rows),
+          "images": total, "images_per_s": images_per_s,
+          "est_s": total / images_per_s if images_per_s else None,
+          "est_h": total / images_per_s / 3600 if images_per_s else None}
 
 
 def run(s: argparse.Namespace) -> dict[str, Any]:
@@ -349,17 +675,8 @@ def run(s: argparse.Namespace) -> dict[str, Any]:
       sequential["images_per_s"] = images_per_chunk / sequential["chunk_s"]
       print(f"[bench] sequential steps {sequential['images_per_s']:9.1f} images/s", file=sys.stderr, flush=True)
     for strategy in s.strategies if impl in s.conv_impls else ():
-      entry: dict[str, Any] = {"strategy": strategy, "conv_impl": impl}
-      try:
-        entry.update(setup.time_strategy(strategy))
-      except Exception as e:  # one failing combination (e.g. out of memory) should not sink the rest
-        entry["error"] = f"{type(e).__name__}: {e}"[:500]
-        impl_results.append(entry)
-        continue
-      entry["images_per_s"] = images_per_chunk / entry["chunk_s"]
-      impl_results.append(entry)
-      print(f"[bench] {strategy:5s} {impl:9s} {entry['images_per_s']:9.1f} images/s  "
-            f"compile {entry['compile_s']:.1f} s", file=sys.stderr, flush=True)
+      impl_results.append(_timed(setup, {"strategy": strategy, "conv_impl": impl}, images_per_chunk,
+                                 f"{strategy:5s} {impl:9s}"))
     flops[impl] = setup.flops_per_step()  # after the strategies: with --steps 1 it reuses the 'loop' program
     for entry in impl_results + ([sequential] if sequential and impl == "lax" else []):
       if "images_per_s" in entry:
@@ -416,6 +733,7 @@ def run(s: argparse.Namespace) -> dict[str, Any]:
       "ratio_chosen_vs_torch": chosen["images_per_s"] / torch_ips if chosen and torch_ips else None,
       "ratio_chosen_vs_sequential": (chosen["images_per_s"] / sequential["images_per_s"]
                                      if chosen and sequential else None),
+      "protocol_grid": protocol_grid(chosen["images_per_s"] if chosen else None, s.protocol),
   }
 
 
@@ -439,7 +757,9 @@ def _ints(value: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="a tiny setting that finishes in seconds (tests)")
+  ap.add_argument("--quick", action="store_true",
+                  help="a tiny setting for smoke runs and the tests (tiny VGG-16, few trials and steps), mostly "
+                       "compiling: 94 s on 2 CPU cores with every conv impl and strategy, ~23 s with --conv-impls lax")
   ap.add_argument("--model", default="vgg16_tiny", choices=MODELS)
   ap.add_argument("--trials", type=int, help=f"default {DEFAULTS['trials']} ({QUICK['trials']} with --quick)")
   ap.add_argument("--res", type=int, help="image side in pixels (no crop margin)")
@@ -462,6 +782,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--cpu-devices", type=int, default=0,
                   help="CPU devices to make (0: one per core, up to 8, as the engine; 1: a single device). "
                        "The strategies spread the trials over all devices; the sequential baseline uses one")
+  ap.add_argument("--freeze", default="none",
+                  help="frozen-prefix trials: 'backbone' (head only) or a stage name (wrn16_8 / dlib_resnet10); "
+                       "times cached features vs the frozen stages recomputed, and a torch partial fine-tuning loop")
+  ap.add_argument("--cached-crops", type=int, default=0, help="crop offsets cached per axis with --freeze")
+  ap.add_argument("--protocol", default="lap", choices=sorted(PAPER_SOLVERS),
+                  help="the paper protocol whose full grid `protocol_grid` costs at the measured images/s")
   ap.add_argument("--out", help="also write the JSON here")
   s = ap.parse_args(argv)
   for key, value in (QUICK if s.quick else DEFAULTS).items():
@@ -477,7 +803,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
   s = parse_args(argv)
   maybe_initialize(s.cpu_devices)
-  report = run(s)
+  report = run_freeze(s) if s.freeze != "none" else run(s)
   text = json.dumps(report, indent=1)
   print(text)
   if s.out:

@@ -1,4 +1,4 @@
-"""The report's transfer study (PROTOCOL.md §5, report Table 2): IMDB faces, frozen vs full fine-tuning.
+"""The report's transfer study (docs/protocol.md; report Table 2): IMDB faces, frozen vs full fine-tuning.
 
 The IMDB part of IMDB-WIKI, cleaned as the report did: no face or a second face dropped, `face_score` below
 1.0 dropped, ages outside 0..100 dropped (agejax's imdb_wiki reader options); half of what remains (35,934

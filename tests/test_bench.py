@@ -103,3 +103,53 @@ def test_peak_flops_table():
   assert bench.peak_flops("NVIDIA H200", "float32") == 67e12
   assert bench.peak_flops("cpu", "float32") is None
   assert bench.peak_flops("cpu", "float32", override_tflops=2.0) == 2e12
+
+
+def test_protocol_grid_costs_the_lap_table():
+  from agejax.configs import LAP_SOLVER, base_config
+
+  grid = bench.protocol_grid(100.0, "lap")
+  batch = base_config().batch_size
+  assert [r["n"] for r in grid["sizes"]] == [row[1] for row in LAP_SOLVER]
+  assert grid["images"] == sum(t * steps * batch for _, _, t, _, steps in LAP_SOLVER) == sum(
+      r["images"] for r in grid["sizes"])
+  assert grid["trials"] == sum(row[2] for row in LAP_SOLVER)
+  assert grid["est_s"] == pytest.approx(grid["images"] / 100.0) and grid["est_h"] == pytest.approx(grid["est_s"] / 3600)
+  assert bench.protocol_grid(None)["est_s"] is None
+
+
+def test_freeze_bench_reports_the_cache_ratio():
+  s = bench.parse_args(["--quick", "--model", "wrn16_8", "--freeze", "backbone", "--no-torch", "--strategies", "loop",
+                        "--conv-impls", "lax"])
+  report = bench.run_freeze(s)
+  rows = {r["inputs"]: r for r in report["results"]}
+  assert set(rows) == {"cached", "recompute"} and all("error" not in r for r in rows.values())
+  assert report["ratio_cached_vs_recompute"] == pytest.approx(rows["cached"]["images_per_s"]
+                                                              / rows["recompute"]["images_per_s"])
+  assert report["settings"]["variants"] == 2 and report["cache"]["images"] == 2 * s.pool  # centre x mirror
+  assert report["protocol_grid"]["images_per_s"] == rows["cached"]["images_per_s"]
+  assert report["memory"]["cache_bytes"] == report["cache"]["bytes"]
+  from agejax.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="--freeze='nope'"):
+    bench.run_freeze(bench.parse_args(["--quick", "--model", "wrn16_8", "--freeze", "nope", "--conv-impls", "lax"]))
+
+
+def test_torch_partial_fine_tuning_splits_at_the_flax_stages():
+  torch = pytest.importorskip("torch")
+  from agejax.models.dlib_resnet import DlibResNet
+  from agejax.models.wideresnet import WideResNet
+
+  for model, flax_names, freeze in ((bench.torch_wrn(10, 1, 8, 32, 5), WideResNet(10, 1).stage_names(), "block2_1"),
+                                    (bench.torch_dlib(1 / 8, 5), DlibResNet(1 / 8).stage_names(), "block3")):
+    assert [name for name, _, _ in model.stages()] == list(flax_names)
+    x = torch.rand(2, 3, 64 if freeze == "block3" else 32, 64 if freeze == "block3" else 32)
+    model.eval()
+    forward, trained = bench.torch_partial(model, freeze)
+    with torch.no_grad():
+      torch.testing.assert_close(forward(x), model(x))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(not n.startswith(("stem", "blocks.0.")) for n in names) and "fc.weight" in names
+    assert {id(p) for p in trained} == {id(p) for p in model.parameters() if p.requires_grad}
+  head_only, trained = bench.torch_partial(bench.torch_wrn(10, 1, 8, 32, 5), "backbone")
+  assert len(trained) == 2  # fc weight and bias

@@ -14,7 +14,7 @@ from agejax.data.records import Rejections
 from agejax.errors import DatasetError
 
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "UTKFace")
-needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder ../shared/data/UTKFace absent")
+needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder (conftest.UTKFACE) absent")
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
 """`python -m agejax.data summarize` on a synthetic folder and on the real UTKFace folder."""
 
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from agejax.data.__main__ import main
 
@@ -14,9 +16,11 @@ REAL = os.path.join(REPO, "..", "shared", "data", "UTKFace")
 
 
 def test_summarize_text_and_strict(tmp_path, capsys):
+  jpeg = io.BytesIO()
+  Image.new("RGB", (8, 8), (200, 100, 50)).save(jpeg, "JPEG")
   for n in ("20_0_0_20170104023102422.jpg.chip.jpg", "21_1_1_20170104023102423.jpg.chip.jpg",
             "39_1_20170116174525125.jpg.chip.jpg", "zz_0_1_1.jpg"):
-    (tmp_path / n).write_bytes(b"same bytes")
+    (tmp_path / n).write_bytes(jpeg.getvalue())  # the same (decodable) bytes in every file
   assert main(["summarize", "--format", "utkface", "--root", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "3 records" in out and "20-24" in out and "unparsable UTKFace name" in out
@@ -25,7 +29,7 @@ def test_summarize_text_and_strict(tmp_path, capsys):
   assert "zz_0_1_1.jpg" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder ../shared/data/UTKFace absent")
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder (conftest.UTKFACE) absent")
 def test_summarize_real_json():
   proc = subprocess.run([sys.executable, "-m", "agejax.data", "summarize", "--format", "utkface", "--root", REAL,
                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=120,

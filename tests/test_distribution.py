@@ -1,4 +1,4 @@
-"""Age histograms and the uniform / matched / original resampling (PROTOCOL.md section 4)."""
+"""Age histograms and the uniform / matched / original resampling (docs/protocol.md, imposing a label distribution)."""
 
 import numpy as np
 import pytest

@@ -87,7 +87,7 @@ def test_check_split(folder):
   assert check_split(train[1:], test, groups) == train[1:]
 
 
-@pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder ../shared/data/UTKFace absent")
+@pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder (conftest.UTKFACE) absent")
 def test_real_utkface_exact_duplicates():
   paths = sorted(os.path.join(REAL, f) for f in os.listdir(REAL))
   start = time.perf_counter()

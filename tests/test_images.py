@@ -12,7 +12,7 @@ from agejax.data.images import DEFAULT_ROTATION_ANGLES, center_crop, decode_imag
 from agejax.errors import DatasetError
 
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "UTKFace")
-needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder ../shared/data/UTKFace absent")
+needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder (conftest.UTKFACE) absent")
 
 
 def _noise(h, w, seed=0):

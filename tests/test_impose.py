@@ -86,7 +86,10 @@ def test_lap_config_has_table1_columns():
   assert (uniform["pretrain"]["stop"], uniform["pretrain"]["epochs"], uniform["pretrain"]["optim"]["base_lr"]) == \
       ("fixed", 1.0, 1e-5)
   assert "distribution" not in original["pretrain"] and original["pretrain"]["stop"] == "converge"
-  assert matched["pretrain"]["distribution"]["mode"] == "matched" and matched["pretrain"]["stop"] == "converge"
+  # the authors' fixed-length stage on the matched source: 250k steps of 15, lr x0.1 every 100k, the test histogram
+  m = matched["pretrain"]
+  assert m["distribution"]["mode"] == "matched" and m["distribution"]["target"] == "test"
+  assert (m["stop"], m["steps"], m["stepsize"], m["batch_size"]) == ("fixed", 250000, 100000, 15)
   assert all(p["pretrain"]["data"]["root"] == "/i" and p["pretrain"]["data"]["rotation_angles"] == ()
              for p in c.priors[1:4])
 
@@ -101,8 +104,9 @@ def lap_impose_run(tmp_path_factory):
   c.sizes = [(3, 2, 3, 4)]
   c.steps_scale, c.min_steps = 1.0, 1
   priors = [p for p in c.priors if p["name"] in ("dex", "lap-matched-100", "lap-matched-all")]
-  for p in priors[1:]:
-    p["pretrain"].update(data=SYNTHETIC_SOURCE, val_size=30, patience=1, eval_every=5)
+  for p in priors[1:]:  # early stopping with an epoch cap instead of the authors' fixed 68 / 250k steps of 15
+    p["pretrain"].update(data=SYNTHETIC_SOURCE, val_size=30, patience=1, eval_every=5, stop="converge", steps=0,
+                         stepsize=0, batch_size=10)
   priors[1]["pretrain"]["epochs"] = 3.0  # 100 samples: 10 steps an epoch at batch 10
   priors[2]["pretrain"].update(epochs=1.0, distribution={"mode": "matched", "total": 0})
   c.priors = priors
@@ -145,7 +149,8 @@ def test_rerun_reuses_stages_and_rows(lap_impose_run, caplog):
   c.diagnostics = False
   with caplog.at_level("INFO"):
     run_config(c, str(work))
-  assert caplog.text.count("reusing pre-training stage") == 2
+  # every (prior, size) is in results.csv: nothing is trained again, not even the stages
+  assert caplog.text.count("rerun skips the sizes already in results.csv (0, 3); to do: none") == 3
   assert [f.stat().st_mtime_ns for f in sorted((work / "priors").glob("*/pretrain_stage.json"))] == mtimes
   assert (work / "results.csv").read_text() == before
 

@@ -118,3 +118,37 @@ def test_cli_reports_a_readable_error(tmp_path):
   assert proc.stderr.startswith("error:") and str(src) in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "prior")
+
+
+def test_port_onto_an_existing_out_is_a_one_line_error(tmp_path, capsys):
+  from agejax.port import main
+
+  src = tmp_path / "any.pth"
+  src.write_bytes(b"irrelevant: OUT is checked before the checkpoint is read")
+  out = tmp_path / "prior"
+  out.mkdir()
+  (out / "keep.txt").write_text("an earlier prior")
+  assert main(["--format", "torchvision", "--arch", "vgg16", str(src), str(out)]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"error: {out} already exists") and "--force" in err
+  assert (out / "keep.txt").read_text() == "an earlier prior"
+
+
+def test_random_bytes_pth_is_not_a_pytorch_checkpoint(tmp_path, capsys):
+  from agejax.port import main
+
+  src = tmp_path / "random.pth"
+  src.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  assert main(["--format", "torchvision", "--arch", "vgg16", str(src), str(tmp_path / "prior")]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(f"error: {src}: not a PyTorch checkpoint")
+  assert "weights_only" not in err and "trusted source" not in err
+  assert not os.path.exists(tmp_path / "prior")
+
+
+def test_port_help_exits_zero():
+  env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT))
+  proc = subprocess.run([sys.executable, "-m", "agejax.port", "--help"], capture_output=True, text=True, env=env,
+                        timeout=300)
+  assert proc.returncode == 0 and "--keep-heads" in proc.stdout and "--force" in proc.stdout
+  assert "onnx" in proc.stdout and "wrn16_8" in proc.stdout

@@ -68,7 +68,12 @@ def test_rerun_resumes_without_new_rows(demo_run):
            "--config.progress=False")
   assert r.returncode == 0, r.stderr[-2000:]
   assert (workdir / "results.csv").read_text() == before
-  assert "reusing pre-training stage" in r.stderr
+  # nothing is trained again, not even the pre-training stage
+  assert "rerun skips the sizes already in results.csv (0, 3" in r.stderr and "to do: none" in r.stderr
+  r = _cli("-m", "agejax.main", "--config", "configs/demo.py:quick", "--workdir", str(workdir),
+           "--config.progress=False", "--config.seed=5")
+  assert r.returncode != 0 and "holds results of another config: seed (0 -> 5)" in r.stderr
+  assert (workdir / "results.csv").read_text() == before
 
 
 def test_predict_cli_on_a_saved_trial(demo_run, tmp_path):
@@ -83,11 +88,12 @@ def test_predict_cli_on_a_saved_trial(demo_run, tmp_path):
     paths.append(str(tmp_path / f"face{i}.png"))
     Image.fromarray(im).save(paths[-1])
   ckpt = workdir / "checkpoints" / "pretrained" / "n00003_median"
-  r = _cli("-m", "agejax.predict", "--checkpoint", str(ckpt), *paths)
+  r = _cli("-m", "agejax.predict", "--checkpoint", str(ckpt), "--aligned", *paths)  # synthetic chips, no faces
   assert r.returncode == 0, r.stderr[-2000:]
-  out = [line.split("\t") for line in r.stdout.strip().splitlines()]
-  assert [o[0] for o in out] == paths
-  assert all(0 < float(o[1]) < 150 for o in out)
+  header, *lines = r.stdout.strip().splitlines()
+  out = [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
+  assert [o["path"] for o in out] == paths
+  assert all(0 < float(o["age"]) < 150 for o in out)
 
 
 def test_unknown_config_field_is_a_clear_error(tmp_path):

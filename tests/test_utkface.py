@@ -9,7 +9,7 @@ from agejax.data.readers.utkface import parse_name
 from agejax.errors import DatasetError
 
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "UTKFace")
-needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder ../shared/data/UTKFace absent")
+needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason="real UTKFace folder (conftest.UTKFACE) absent")
 
 GOOD = ["26_0_2_20170104023102422.jpg.chip.jpg", "1_1_4_20161221193016140.jpg.chip.jpg", "80_1_0_20170110131953974.jpg"]
 LENIENT = ["39_1_20170116174525125.jpg.chip.jpg", "55_0_0_20170116232725357jpg.chip.jpg",

@@ -1,23 +1,39 @@
-"""Dataset summary: `python -m agejax.data summarize --format utkface --root ../shared/data/UTKFace [--json]`."""
+"""Dataset summary: `python -m agejax.data summarize --format utkface --root /path/to/UTKFace [--json] [--near]`.
+
+Every image is decoded (as a study would; undecodable and empty files are rejected by name as corrupt images)
+before anything is counted or grouped, so a rejected file is never a record nor a duplicate.
+"""
 
 import argparse
 import json
 import sys
+from typing import get_args
 
 import numpy as np
 
+from agejax.data.cache import CORRUPT, validate_images
 from agejax.data.distribution import age_histogram
 from agejax.data.duplicates import exact_duplicate_groups, near_duplicate_groups
 from agejax.data.readers import formats, load_dataset
+from agejax.data.records import Policy
 from agejax.errors import DatasetError
 
 BIN = 5
 
 
 def summarize(fmt: str, root: str, policy: str = "skip", near: bool = False, progress: bool = True,
-              max_examples: int = 3) -> dict:
-  """Counts, 5-year age bins, rejections by reason and duplicate groups of one dataset, as a JSON-ready dict."""
+              max_examples: int = 3, cache_dir: str | None = None) -> dict:
+  """Counts, 5-year age bins, rejections by reason and duplicate groups of one dataset, as a JSON-ready dict.
+
+  `cache_dir` keeps the decode verdicts (agejax.data.cache) for a faster rerun; None decodes afresh."""
   ds = load_dataset(fmt, root, policy=policy)
+  kept = validate_images([r.path for r in ds.records], cache_dir, rejections=ds.rejections, progress=progress)
+  ds.records = [ds.records[k] for k in kept]
+  near_groups = None
+  if near:  # before counting: a file that cannot be hashed is rejected too
+    near_groups = near_duplicate_groups([r.path for r in ds.records], progress=progress, rejections=ds.rejections)
+    unhashable = set(ds.rejections.examples.get(CORRUPT, []))
+    ds.records = [r for r in ds.records if r.path not in unhashable]
   ages = np.array([r.age for r in ds.records], dtype=np.float64)
   top = int(max(100, np.ceil(ages.max()) if len(ages) else 0))
   hist = age_histogram(ages, max_age=top) if len(ages) else np.zeros(top + 1, np.int64)
@@ -35,8 +51,8 @@ def summarize(fmt: str, root: str, policy: str = "skip", near: bool = False, pro
     "rejections": ds.rejections.to_dict(),
     "duplicates": {"exact": _dup_summary(exact, max_examples)},
   }
-  if near:
-    out["duplicates"]["near"] = _dup_summary(near_duplicate_groups(paths, progress=progress), max_examples)
+  if near_groups is not None:
+    out["duplicates"]["near"] = _dup_summary(near_groups, max_examples)
   return out
 
 
@@ -58,7 +74,9 @@ def format_text(s: dict, width: int = 50) -> str:
   lines.append(f"rejected or flagged ({rej['policy']}): {rej['total']}")
   for reason, info in rej["by_reason"].items():
     lines.append(f"  {info['count']:6d}  {reason}")
-    lines += [f"          e.g. {e}" for e in info["examples"][:3]]
+    lines += [f"          e.g. {e}" for e in info["files"][:3]]
+    if info["count"] > 3:
+      lines.append(f"          ... and {info['count'] - 3} more (--json lists every one)")
   for kind, d in s["duplicates"].items():
     lines.append(f"{kind} duplicates: {d['groups']} groups, {d['extra_copies']} extra copies")
     lines += [f"  {' == '.join(g)}" for g in d["examples"]]
@@ -71,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
   p = sub.add_parser("summarize", help="counts, age histogram, rejections and duplicates of a dataset")
   p.add_argument("--format", required=True, choices=formats())
   p.add_argument("--root", required=True)
-  p.add_argument("--policy", default="skip", choices=["skip", "strict"])
+  p.add_argument("--policy", default="skip", choices=get_args(Policy))
   p.add_argument("--json", action="store_true", help="print JSON instead of text")
   p.add_argument("--near", action="store_true", help="also find near duplicates (perceptual hash; slower)")
+  p.add_argument("--cache-dir", default=None, help="keep the decoded check images here for a faster rerun")
+  p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                 help="progress bars on stderr (default: when stderr is a terminal)")
   args = parser.parse_args(argv)
+  progress = sys.stderr.isatty() if args.progress is None else args.progress
   try:
-    s = summarize(args.format, args.root, args.policy, near=args.near, progress=sys.stderr.isatty())
-  except DatasetError as e:
+    s = summarize(args.format, args.root, args.policy, near=args.near, progress=progress, cache_dir=args.cache_dir)
+  except (DatasetError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(s, indent=2) if args.json else format_text(s))

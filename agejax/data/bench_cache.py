@@ -1,6 +1,6 @@
 """Times load_images on a folder of images: a cold run (decode + write the cache) then a warm one (cache hit).
 
-  python -m agejax.data.bench_cache --root ../shared/data/UTKFace --size 64 --cache-dir /tmp/agejax_cache_bench
+  python -m agejax.data.bench_cache --root /path/to/UTKFace --size 64 --cache-dir /tmp/agejax_cache_bench
 
 Prints one JSON object. The cold run first deletes this input's cache entry, so it always decodes.
 """
@@ -8,12 +8,15 @@ Prints one JSON object. The cold run first deletes this input's cache entry, so 
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
 from agejax.data import cache
+from agejax.data.images import RESIZE_MODES
 from agejax.data.records import Rejections
+from agejax.errors import AgejaxError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -50,22 +53,30 @@ def run(root: str, size: int, cache_dir: str, resize: str = "squash", backend: s
           "warm_cache_open_s": round(warm, 4), "warm_open_and_read_all_s": round(warm_read, 2),
           "images_per_s_cold": round(len(paths) / cold, 1), "shape": list(imgs.shape),
           "cache_bytes": os.path.getsize(os.path.join(cache_dir, key + ".npy")), "kept": len(kept),
-          "rejected": rej.to_dict()["by_reason"], "checksum": checksum, "cache_key": key}
+          "rejected": rej.counts_by_reason(), "checksum": checksum, "cache_key": key}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--root", required=True)
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--cache-dir", default=None, help="default: $AGEJAX_CACHE or ~/.cache/agejax")
-  ap.add_argument("--resize", default="squash", choices=("squash", "shorter_crop"))
+  ap.add_argument("--resize", default="squash", choices=RESIZE_MODES)
   ap.add_argument("--backend", default="thread", choices=("thread", "process"))
   ap.add_argument("--workers", type=int, default=None)
   ap.add_argument("--limit", type=int, default=None, help="only the first N files (by name)")
-  a = ap.parse_args()
-  out = run(a.root, a.size, a.cache_dir or cache.default_cache_dir(), a.resize, a.backend, a.workers, a.limit)
+  a = ap.parse_args(argv)
+  if not os.path.isdir(a.root):
+    print(f"error: --root {a.root}: not a folder", file=sys.stderr)
+    return 2
+  try:
+    out = run(a.root, a.size, a.cache_dir or cache.default_cache_dir(), a.resize, a.backend, a.workers, a.limit)
+  except (AgejaxError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps(out, indent=2))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

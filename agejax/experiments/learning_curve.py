@@ -24,18 +24,20 @@ import numpy as np
 from tqdm import tqdm
 
 from agejax.engine import checkpoint as checkpoint_lib
+from agejax.engine import features as features_lib
 from agejax.engine import memory as memory_lib
 from agejax.engine import metrics as metrics_lib
 from agejax.engine import trials as trials_lib
 from agejax.engine.optim import make_optimizer
 from agejax.errors import ConfigError, TrainingError
 from agejax.experiments.priors import Prior, init_head, resolve_prior
-from agejax.experiments.study_data import StudyData, load_study_data
+from agejax.experiments.study_data import StudyData, check_view, data_view, load_study_data
 from agejax.models import build_model, conv_tuning
 from agejax.models.pretrained import METADATA_FILE, save_pretrained
 from agejax.parallel import sharding as sharding_lib
 from agejax.reports import plots, tables
-from agejax.reports.tensorboard import Logger
+from agejax.reports.tensorboard import StudyBoard, study_hparams
+from agejax.reports.workdir import prepare_workdir
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,39 @@ def size_schedule(cfg: Any, num_bases: int) -> list[dict[str, int]]:
     stepsize = max(int(round(stepsize * scale)), 1)
     out.append({"n": n, "trials": int(trials), "stepsize": stepsize, "max_iter": max_iter})
   return out
+
+
+# What a prior entry's own `optim` may set (agejax.engine.optim.make_optimizer reads these).
+OPTIM_FIELDS = ("name", "base_lr", "momentum", "weight_decay", "gamma", "rules")
+
+
+def prior_config(cfg: Any, entry: Mapping[str, Any]) -> Any:
+  """The study config as one prior sees it: `entry['optim']` merged into `cfg.optim` (its own solver: name,
+  base_lr, rules...) and `entry['data']` into `cfg.data` (its own framing of the same images:
+  study_data.VIEW_FIELDS). An entry with neither returns `cfg` itself."""
+  name = entry.get("name")
+  optim, view = dict(entry.get("optim") or {}), dict(entry.get("data") or {})
+  if not optim and not view:
+    return cfg
+  unknown = sorted(set(optim) - set(OPTIM_FIELDS))
+  if unknown:
+    raise ConfigError(f"priors[{name}].optim: unknown field(s) {', '.join(unknown)}; known: {', '.join(OPTIM_FIELDS)}")
+  check_view(view, f"priors[{name}].data")
+  out = cfg.copy_and_resolve_references()
+  for section, own in (("optim", optim), ("data", view)):
+    with out[section].unlocked():
+      out[section].update(own)
+  return out
+
+
+TRAIN_LOSS_STEPS = 10  # results.csv's train_loss: a trial's mean loss over its last 10 steps
+
+
+def final_train_loss(losses: np.ndarray, max_iter: int) -> float:
+  """The mean of a trial's last TRAIN_LOSS_STEPS losses (all of them when it ran fewer steps); `losses` may run
+  past `max_iter` (padded chunks), so it is defined the same whatever `trials.chunk_steps` is."""
+  done = np.asarray(losses)[:max_iter]
+  return float(done[-min(TRAIN_LOSS_STEPS, len(done)):].mean())
 
 
 def trial_seed(base_seed: int, trial: int) -> int:
@@ -113,8 +148,14 @@ def with_engine_backbone(prior: Prior, conv_impl: str = "spec", compute_dtype: s
 class PriorEngine:
   """Compiled pieces for one prior, shared by every size: optimiser, chunk and predict functions, runners."""
 
-  def __init__(self, cfg: Any, prior: Prior, chunk_steps: int, shared_bytes: int = 0, plan_file: str | None = None):
-    self.cfg, self.prior, self.chunk_steps = cfg, prior, chunk_steps
+  def __init__(self, cfg: Any, prior: Prior, chunk_steps: int, shared_bytes: int = 0, plan_file: str | None = None,
+               frozen: "features_lib.FrozenPrefix | None" = None):
+    self.cfg, self.prior, self.chunk_steps, self.frozen = cfg, prior, chunk_steps, frozen
+    # A frozen prefix: trials train its tail on cached features (no crop, no preprocessing left to do).
+    model, variables = (frozen.tail, frozen.tail_variables) if frozen else (prior.model, prior.variables)
+    preprocess, inputs = ((lambda x: x), frozen.cached_inputs) if frozen else (prior.preprocess, None)
+    self.eval_crop = None if frozen else cfg.data.crop
+    self.freeze = frozen.freeze if frozen else "none"
     if prior.spec.get("backbone", {}).get("conv_impl") == "auto":
       # Processes must compile identical programs and their timings could disagree: process 0 measures (or
       # follows its plan file) and every process takes its choices.
@@ -124,23 +165,25 @@ class PriorEngine:
       plan = dict(zip(plan, sharding_lib.same_choices(list(plan.values()), conv_tuning.IMPLS)))
       conv_tuning.set_plan(plan)
       log.info("prior %s: convolution plan %s", prior.name, conv_tuning.counts_of(plan))
-    self.optimizer = make_optimizer(cfg.optim, prior.variables["params"])
+    self.optimizer = make_optimizer(cfg.optim, variables["params"])
     self.step_cfg = trials_lib.StepConfig(cfg.batch_size, cfg.data.crop, mirror=cfg.data.get("mirror", True),
                                           random_crop=cfg.data.get("random_crop", True))
     self.trial_chunk = cfg.trials.get("trial_chunk", 0)
-    self.memory = memory_lib.estimate_trial_memory(prior.model, prior.variables,
-                                                   jax.eval_shape(self.optimizer.init, prior.variables["params"]),
-                                                   cfg.batch_size, cfg.data.crop)
+    self.memory = memory_lib.estimate_trial_memory(model, variables, jax.eval_shape(self.optimizer.init,
+                                                                                    variables["params"]),
+                                                   cfg.batch_size, cfg.data.crop,
+                                                   frozen.feature_shape if frozen else None,
+                                                   frozen.feature_dtype if frozen else jnp.float32)
     budget = float(cfg.trials.get("memory_budget_gb", 0.0)) * 2**30 or memory_lib.device_memory_bytes()
     if budget:
       fit = memory_lib.trials_that_fit(self.memory, int(budget), shared_bytes)
       if fit < (self.trial_chunk or 2**31):
-        log.info("prior %s: ~%.0f MB per trial, %d trials fit %.1f GB: trials vectorised %d at a time", prior.name,
-                 self.memory.total / 2**20, fit, budget / 2**30, fit)
+        log.info("prior %s: ~%.0f MB per trial; at most %d trials fit the %.1f GB budget together (a 'vmap' or "
+                 "'map' group holds no more)", prior.name, self.memory.total / 2**20, fit, budget / 2**30)
         self.trial_chunk = fit
-    self.chunk_fn = trials_lib.make_train_chunk(prior.model, prior.head_kind(), prior.preprocess, self.optimizer,
-                                                self.step_cfg)
-    self.predict_fn = trials_lib.make_predict(prior.model, prior.head_kind(), prior.preprocess)
+    self.chunk_fn = trials_lib.make_train_chunk(model, prior.head_kind(), preprocess, self.optimizer, self.step_cfg,
+                                                inputs)
+    self.predict_fn = trials_lib.make_predict(model, prior.head_kind(), preprocess)
     self._runners: dict[str, trials_lib.TrialRunner] = {}
     self.auto_choice: str | None = None
     self._initial_state: tuple[Prior, Callable[[int], trials_lib.TrialState]] | None = None  # (prior, its starter)
@@ -152,7 +195,8 @@ class PriorEngine:
 
   def initial_state(self, seed: int) -> trials_lib.TrialState:
     if self._initial_state is None or self._initial_state[0] is not self.prior:  # priors of one spec share engines
-      self._initial_state = (self.prior, make_initial_state(self.prior, self.optimizer, self.cfg.data.crop))
+      self._initial_state = (self.prior, self.frozen.initial_state(self.optimizer) if self.frozen else
+                             make_initial_state(self.prior, self.optimizer, self.cfg.data.crop))
     return self._initial_state[1](seed)
 
 
@@ -167,9 +211,10 @@ class TrialKeeper:
   directories and the ones not picked are deleted at the end.
   """
 
-  def __init__(self, workdir: str, prior: Prior, budget_mb: float):
+  def __init__(self, workdir: str, prior: Prior, budget_mb: float, complete: Callable[[Any], Any] | None = None):
     self.root = os.path.join(workdir, "checkpoints", prior.name)
     self.prior = prior
+    self.complete = complete or (lambda v: v)  # a frozen-prefix trial's tail variables -> the whole model's
     self.budget = budget_mb * 2**20
     self.held: dict[int, Any] = {}
     self.staged: dict[int, str] = {}
@@ -186,7 +231,7 @@ class TrialKeeper:
       self.used += size
     else:
       path = self.stage_path(n, trial)
-      save_pretrained(path, self.prior.spec, variables, self.prior.preprocess)
+      save_pretrained(path, self.prior.spec, self.complete(variables), self.prior.preprocess)
       self.staged[trial] = path
 
   def persist(self, n: int) -> None:
@@ -194,7 +239,7 @@ class TrialKeeper:
     for trial, variables in self.held.items():
       if trial not in self.staged:
         self.staged[trial] = self.stage_path(n, trial)
-        save_pretrained(self.staged[trial], self.prior.spec, variables, self.prior.preprocess)
+        save_pretrained(self.staged[trial], self.prior.spec, self.complete(variables), self.prior.preprocess)
 
   def adopt(self, n: int, trials: Any) -> bool:
     """Takes the staged states of `trials` (finished before a checkpoint); False if any is missing."""
@@ -216,7 +261,7 @@ class TrialKeeper:
       source = {"format": "agejax-trial", "prior": self.prior.name, "n_train": n, "trial": t,
                 "seed": rows[t]["seed"], "mae": rows[t]["mae"]}
       if t in self.held:
-        save_pretrained(out, self.prior.spec, self.held[t], self.prior.preprocess, source=source)
+        save_pretrained(out, self.prior.spec, self.complete(self.held[t]), self.prior.preprocess, source=source)
       else:
         from agejax.models.pretrained import load_pretrained
         _, variables, _ = load_pretrained(self.staged[t])
@@ -263,24 +308,63 @@ class Study:
     return path
 
   # -- one size --------------------------------------------------------------------------------------
-  def engine_for(self, prior: Prior) -> "PriorEngine":
-    """The compiled engine for a prior; priors of one architecture and preprocessing share it."""
-    prior = with_engine_backbone(prior, self.cfg.trials.get("conv_impl", "spec"),
-                                 self.cfg.trials.get("compute_dtype", "spec"))
-    key = json.dumps([prior.spec, prior.preprocess.to_dict()], sort_keys=True, default=str)
+  def engine_prior(self, prior: Prior) -> Prior:
+    return with_engine_backbone(prior, self.cfg.trials.get("conv_impl", "spec"),
+                                self.cfg.trials.get("compute_dtype", "spec"))
+
+  def engine_for(self, prior: Prior, frozen: "features_lib.FrozenPrefix | None" = None) -> "PriorEngine":
+    """The compiled engine for a prior; priors of one architecture and preprocessing share it (and, with a
+    frozen prefix, of one freeze and data view)."""
+    prior = self.engine_prior(prior)
+    key = json.dumps([prior.spec, prior.preprocess.to_dict(), self.cfg.optim.to_dict()], sort_keys=True, default=str)
+    if frozen:
+      key += json.dumps([frozen.freeze, dataclasses.asdict(frozen.view)])
     engines = self.__dict__.setdefault("_engines", {})
     if key not in engines:
-      engines[key] = PriorEngine(self.cfg, prior, self.chunk_steps, getattr(self, "shared_bytes", 0),
-                                 plan_file=self.conv_plan_file())
+      shared = getattr(self, "shared_bytes", 0) + (frozen.device_bytes if frozen else 0)
+      engines[key] = PriorEngine(self.cfg, prior, self.chunk_steps, shared, plan_file=self.conv_plan_file(),
+                                 frozen=frozen)
     engine = engines[key]
-    engine.prior = prior
+    engine.prior, engine.frozen = prior, frozen
     return engine
 
+  def frozen_inputs(self, entry: Mapping[str, Any], prior: Prior, data: StudyData,
+                    dev: dict[str, Any]) -> dict[str, Any]:
+    """`dev` for a prior: with `freeze` (the entry's, else config.trials.freeze) other than 'none', the frozen
+    prefix's cached features replace the images (`dev['frozen']` is the split). Entries of one prior, freeze
+    and data view share one cache; a cache that does not fit half the device budget stays in host memory."""
+    freeze = entry.get("freeze", self.cfg.trials.get("freeze", "none"))
+    where = f"priors[{prior.name}].freeze" if "freeze" in entry else "config.trials.freeze"
+    features_lib.check_freeze(freeze, prior.model.backbone, where)
+    if freeze == "none":
+      return dev
+    prior = self.engine_prior(prior)
+    crops = int(self.cfg.trials.get("cached_crops", 0))
+    frozen = features_lib.build_frozen(prior, freeze, self.cfg.data, data.pool_images.shape[1], crops, where)
+    key = json.dumps([entry.get("dir") or self.cfg.seed, prior.spec["arch"], prior.spec.get("backbone"),
+                      prior.preprocess.to_dict(), freeze, crops, self.cfg.data.to_dict()], sort_keys=True,
+                     default=str)
+    caches = self.__dict__.setdefault("_feature_caches", {})
+    budget = float(self.cfg.trials.get("memory_budget_gb", 0.0)) * 2**30 or memory_lib.device_memory_bytes() or 0
+    if key not in caches:
+      need = frozen.cache_bytes(len(data.pool_images), len(data.test_images))
+      while budget and caches and sum(c["bytes"] for c in caches.values()) + need > budget / 2 * memory_lib.SAFETY:
+        caches.pop(next(iter(caches)))  # the oldest cache first
+      other = self.shared_bytes + sum(c["bytes"] for c in caches.values())
+      cache = features_lib.compute_cache(frozen, data.pool_images, data.test_images,
+                                         self.cfg.get("eval_batch_size", 64), budget / 2, other,
+                                         self.is_main and self.cfg.get("progress", True), prior.name)
+      cache["bytes"] = need if cache["on_device"] else 0
+      caches[key] = cache
+    cache = caches[key]
+    frozen.device_bytes = cache["bytes"]
+    return {**dev, "pool_images": cache["pool_images"], "test_images": cache["test_images"], "frozen": frozen}
+
   def run_size(self, prior: Prior, data: StudyData, dev: dict[str, jax.Array], size: Mapping[str, int],
-               tb: Logger) -> list[dict[str, Any]]:
+               tb: StudyBoard) -> list[dict[str, Any]]:
     cfg = self.cfg
     n, num_trials, max_iter = size["n"], size["trials"], size["max_iter"]
-    engine = self.engine_for(prior)
+    engine = self.engine_for(prior, dev.get("frozen"))
     k = engine.chunk_steps
     padded = -(-max_iter // k) * k
     seeds = [trial_seed(cfg.seed, t) for t in range(num_trials)]
@@ -294,8 +378,9 @@ class Study:
     mesh = sharding_lib.MeshConfig.from_config(cfg)
     for name in trials_lib.STRATEGIES:
       engine.runner(name).set_mesh(mesh)
-    keeper = TrialKeeper(self.workdir, prior, cfg.get("keep_states_mb", 2048)) if self._saving() else None
-    ckpt = self.size_checkpoints(prior.name, size, k)
+    keeper = TrialKeeper(self.workdir, prior, cfg.get("keep_states_mb", 2048),
+                         engine.frozen.complete if engine.frozen else None) if self._saving() else None
+    ckpt = self.size_checkpoints(prior.name, size, k, engine.freeze)
     resume = self.resume_point(ckpt, keeper, engine, size) if ckpt else None
     if resume:
       strategy = resume["strategy"]
@@ -331,9 +416,13 @@ class Study:
       t_train = time.perf_counter()
       for step0 in range(first, max_iter, k):
         chunk_idx = group_orders[..., step0:step0 + k, :]
-        state, chunk_losses = runner.train(state, chunk_idx, step0, hyper, dev["pool_images"], dev["pool_ages"])
+        pool, chunk_idx = features_lib.take_rows(dev["pool_images"], chunk_idx)  # a host cache: the rows used
+        state, chunk_losses = runner.train(state, chunk_idx, step0, hyper, pool, dev["pool_ages"])
         losses[sl, step0:step0 + k] = chunk_losses
         valid = chunk_losses[:, : max_iter - step0]
+        tb.chunk_losses(prior.name, n, sl.start, step0, valid)  # live: each chunk as it finishes
+        if sl.stop == num_trials:  # the last group: every trial has these steps, so their mean is known
+          tb.mean_losses(prior.name, n, step0, losses[:, step0:min(step0 + k, max_iter)])
         if not np.isfinite(valid).all():
           t, s = map(int, np.argwhere(~np.isfinite(valid))[0])
           raise TrainingError(f"loss is {valid[t, s]} at prior {prior.name!r}, size {n}, trial {sl.start + t} "
@@ -351,7 +440,7 @@ class Study:
           self.stop_size(ckpt, prior.name, n, g, step0 + k)
       jax.block_until_ready(state)
       train_wall += time.perf_counter() - t_train
-      preds[sl] = trials_lib.evaluate(runner, state, dev["test_images"], cfg.data.crop,
+      preds[sl] = trials_lib.evaluate(runner, state, dev["test_images"], engine.eval_crop,
                                       cfg.get("eval_batch_size", 64), size=sl.stop - sl.start)
       if cfg.get("save_trials", "best_median") != "none":  # every process: a sharded group is gathered
         for t, st in zip(range(sl.start, sl.stop), runner.ungroup(state, sl.stop - sl.start)):
@@ -372,16 +461,16 @@ class Study:
       ckpt.close()
     wall = time.perf_counter() - t0
     losses = losses[:, :max_iter]
-    self.log_losses(tb, prior.name, n, losses, k)
+    tb.residuals(prior.name, n, preds - data.test_ages)
 
     rows = []
     for t in range(num_trials):
       train_mean = float(data.pool_ages[draws[t][1]].mean())
       rows.append({"prior": prior.name, "n_train": n, "trial": t, "seed": seeds[t], **_scores(preds[t], data),
                    "steps": max_iter, "wall_s": round(wall / num_trials, 4),
-                   "train_loss": float(losses[t, -min(k, max_iter):].mean()),
+                   "train_loss": final_train_loss(losses[t], max_iter),
                    "baseline_mae": metrics_lib.mae(np.full_like(data.test_ages, train_mean), data.test_ages),
-                   "strategy": runner.strategy,
+                   "strategy": runner.strategy, "freeze": engine.freeze,
                    "train_images_per_s": round(max_iter * cfg.batch_size * num_trials / max(train_wall, 1e-9), 2),
                    "split_file": split_files[t]})
     if keeper:
@@ -392,8 +481,8 @@ class Study:
   def checkpoint_dir(self, prior: str, n: int) -> str:
     return os.path.join(self.workdir, "ckpt", prior, f"n{n:05d}")
 
-  def size_checkpoints(self, prior: str, size: Mapping[str, int],
-                       chunk_steps: int) -> "checkpoint_lib.SizeCheckpoints | None":
+  def size_checkpoints(self, prior: str, size: Mapping[str, int], chunk_steps: int,
+                       freeze: str = "none") -> "checkpoint_lib.SizeCheckpoints | None":
     """The checkpoints of a size (None if `config.checkpoint.enabled` is off)."""
     config = checkpoint_lib.CheckpointConfig.from_config(self.cfg)
     if not config.enabled:
@@ -403,6 +492,8 @@ class Study:
                        batch_size=int(self.cfg.batch_size), seed=int(self.cfg.seed), mesh=[mesh.trial, mesh.data],
                        devices=jax.device_count(), processes=jax.process_count(),
                        save_trials=self.cfg.get("save_trials", "best_median"))
+    if freeze != "none":  # a checkpoint of other trained variables must not be resumed
+      fingerprint["freeze"] = freeze
     return checkpoint_lib.SizeCheckpoints(self.checkpoint_dir(prior, size["n"]), config, fingerprint)
 
   def resume_point(self, ckpt: "checkpoint_lib.SizeCheckpoints", keeper: "TrialKeeper | None", engine: "PriorEngine",
@@ -446,13 +537,6 @@ class Study:
   def _saving(self) -> bool:
     return self.is_main and self.cfg.get("save_trials", "best_median") != "none"
 
-  def log_losses(self, tb: Logger, prior: str, n: int, losses: np.ndarray, every: int) -> None:
-    for step in sorted({*range(every - 1, losses.shape[1], every), losses.shape[1] - 1}):
-      tb.scalar(f"train_loss/{prior}/n{n}/mean", losses[:, step].mean(), step + 1)
-      if self.cfg.get("log_trial_losses", True):
-        for t in range(losses.shape[0]):
-          tb.scalar(f"train_loss/{prior}/n{n}/trial{t:02d}", losses[t, step], step + 1)
-
   def pick_strategy(self, engine: "PriorEngine", make_states, first_chunk: np.ndarray, hyper, dev) -> str:
     strategy = self.cfg.trials.get("parallel", "auto")
     num_trials = len(first_chunk)
@@ -465,9 +549,10 @@ class Study:
     key = trials_lib.auto_key(engine.prior.spec, num_trials, engine.chunk_steps, dev["pool_images"].shape,
                               engine.step_cfg, engine.trial_chunk)
 
+    pool, first_idx = features_lib.take_rows(dev["pool_images"], first_chunk)  # a host cache: the rows used
+
     def measure(name: str) -> float:
-      return trials_lib.time_chunk(engine.runner(name), make_states, first_chunk, hyper, dev["pool_images"],
-                                   dev["pool_ages"])
+      return trials_lib.time_chunk(engine.runner(name), make_states, first_idx, hyper, pool, dev["pool_ages"])
 
     candidates = tuple(self.cfg.trials.get("auto_candidates") or trials_lib.default_candidates())
     choice, _ = trials_lib.choose_strategy(key, measure, candidates, log)
@@ -478,17 +563,19 @@ class Study:
   def size_zero(self, prior: Prior, data: StudyData, dev: dict[str, jax.Array]) -> dict[str, Any]:
     """The prior untouched (its new head, if any, drawn from the base seed)."""
     seed = trial_seed(self.cfg.seed, 0)
-    engine = self.engine_for(prior)
+    engine = self.engine_for(prior, dev.get("frozen"))
     state = engine.initial_state(seed)
     runner = engine.runner("loop")
     t0 = time.perf_counter()
-    preds = trials_lib.evaluate(runner, state, dev["test_images"], self.cfg.data.crop,
+    preds = trials_lib.evaluate(runner, state, dev["test_images"], engine.eval_crop,
                                 self.cfg.get("eval_batch_size", 64))
     return {"prior": prior.name, "n_train": 0, "trial": 0, "seed": seed, **_scores(preds[0], data), "steps": 0,
-            "wall_s": round(time.perf_counter() - t0, 4), "baseline_mae": float("nan")}
+            "wall_s": round(time.perf_counter() - t0, 4), "baseline_mae": float("nan"), "freeze": engine.freeze}
 
   def run(self) -> list[dict[str, Any]]:
     cfg = self.cfg
+    # Before anything is written: a workdir holding another config's results stops here, naming the fields.
+    rerun = prepare_workdir(self.workdir, cfg) if self.is_main else False
     data = load_study_data(cfg.data, cfg.seed)
     if self.is_main:
       with open(os.path.join(self.workdir, "config.json"), "w") as f:
@@ -509,33 +596,51 @@ class Study:
     if not cfg.priors:
       raise ConfigError("config.priors is empty: add at least one prior (a prior directory or a model spec)")
     done = self.done_pairs()
-    tb = Logger(os.path.join(self.workdir, "tb"), enabled=self.is_main)
+    tb = StudyBoard(os.path.join(self.workdir, "tb"), enabled=self.is_main,
+                    trial_losses=cfg.get("log_trial_losses", True))
+    tb.layout([str(dict(e).get("name")) for e in cfg.priors], [s["n"] for s in sizes])
     pool_mean_mae = metrics_lib.mae(np.full_like(data.test_ages, data.pool_ages.mean()), data.test_ages)
     for entry in cfg.priors:
       entry = dict(entry)
+      self.cfg = prior_config(cfg, entry)  # the study's config with this prior's own optim and data view
+      prior_data = data_view(data, cfg.data, self.cfg.data)
+      prior_dev = dev if prior_data is data else {**dev, "pool_images": jnp.asarray(prior_data.pool_images),
+                                                  "test_images": jnp.asarray(prior_data.test_images)}
       if entry.get("pretrain"):
         from agejax.experiments.pretrain import pretrain_prior
         entry = {"name": entry["name"], "dir": pretrain_prior(entry, cfg, self.workdir, data.pool_ages),
                  "head": "keep", "backbone_overrides": entry.get("backbone_overrides", {})}
+      name = entry.get("name") or "prior"
+      todo = [] if (name, 0) in done or not cfg.get("eval_size_zero", True) else [0]
+      todo += [s for s in sizes if (name, s["n"]) not in done]
+      if rerun:
+        skipped = sorted(n for p, n in done if p == name)
+        pending = [str(t if t == 0 else t["n"]) for t in todo]
+        log.info("prior %s: rerun skips the sizes already in results.csv (%s); to do: %s", name,
+                 ", ".join(map(str, skipped)) or "none", ", ".join(pending) or "none")
+      if not todo:
+        continue
       prior = resolve_prior(entry, cfg.model, cfg.data.crop, cfg.seed)
       log.info("prior %s: %s head=%s (%s)", prior.name, prior.spec["arch"], prior.spec["head"],
                "new" if prior.new_head else "kept")
-      todo = [] if (prior.name, 0) in done or not cfg.get("eval_size_zero", True) else [0]
-      todo += [s for s in sizes if (prior.name, s["n"]) not in done]
+      prior_dev = self.frozen_inputs(entry, prior, prior_data, prior_dev)  # freeze: cached features for images
       for size in todo:
         self.check_stop(prior.name, size)
         if size == 0:
-          rows = [self.size_zero(prior, data, dev)]
+          rows = [self.size_zero(prior, prior_data, prior_dev)]
         else:
-          rows = self.run_size(prior, data, dev, size, tb)
+          rows = self.run_size(prior, prior_data, prior_dev, size, tb)
         if self.is_main:
           tables.append_results(self.results_path, rows)
           summary = metrics_lib.format_metrics({k: float(np.mean([r[k] for r in rows]))
                                                 for k in metrics_lib.METRIC_NAMES})
           n = rows[0]["n_train"]
           log.info("%s n=%d (%d trials): %s", prior.name, n, len(rows), summary)
-          tb.scalar(f"test_mae/{prior.name}", np.mean([r["mae"] for r in rows]), n)
+          head = f"{prior.spec['head']} ({'new' if prior.new_head else 'kept'})"
+          tb.size_done(prior.name, rows, study_hparams(cfg, prior.name, head, rows))
+          tb.curve(tables.read_results(self.results_path), baselines={"predict the pool mean": pool_mean_mae})
         self.clear_checkpoints(prior.name, rows[0]["n_train"])
+    self.cfg = cfg
     if self.is_main:
       rows = tables.read_results(self.results_path)
       tables.write_tables(self.workdir, rows, title=cfg.get("title", "Few-shot learning curve"))

@@ -43,6 +43,7 @@ from agejax.engine.optim import make_optimizer
 from agejax.errors import ConfigError
 from agejax.models.pretrained import METADATA_FILE, save_pretrained
 from agejax.parallel import sharding as sharding_lib
+from agejax.reports.tensorboard import Logger, fit_logging
 
 log = logging.getLogger(__name__)
 STAGE_FILE = "pretrain_stage.json"
@@ -65,6 +66,43 @@ def _find_entry(cfg: Any, name: str) -> Mapping[str, Any]:
       return entry
   raise ConfigError(f"pretrain.init_from={name!r} names no entry of config.priors "
                     f"(known: {', '.join(str(e.get('name')) for e in cfg.priors)})")
+
+
+TARGETS = ("pool", "test")
+
+
+def impose_target(entry: Mapping[str, Any], cfg: Any) -> str:
+  """'pool' or 'test': whose ages the 'matched' stages of `entry` and its `init_from` chain impose.
+
+  `distribution.target` is 'pool' by default (the study's training pool: no test label is read) or 'test' (the
+  test set's histogram, as the authors imposed LAP's validation and MORPH's 2_1_test histogram). One target
+  serves the whole chain, so matched stages in a chain that disagree are a config error.
+  """
+  seen: dict[str, str] = {}
+  visited: set[str] = set()
+  node: Mapping[str, Any] | None = entry
+  while node is not None and node.get("pretrain"):
+    visited.add(node["name"])
+    dist = node["pretrain"].get("distribution") or {}
+    if dist.get("mode") == "matched":
+      target = dist.get("target", "pool")
+      if target not in TARGETS:
+        raise ConfigError(f"config.priors[{node['name']}].pretrain.distribution.target must be one of {TARGETS}, "
+                          f"got {target!r}")
+      seen[node["name"]] = target
+    parent = node["pretrain"].get("init_from")
+    node = _find_entry(cfg, parent) if parent else None
+    if node is not None and node["name"] in visited:
+      raise ConfigError(f"config.priors[{node['name']}]: its pretrain.init_from chain loops")
+  if len(set(seen.values())) > 1:
+    raise ConfigError(f"prior {entry['name']}: the matched stages of its init_from chain impose different targets "
+                      f"({', '.join(f'{k}={v}' for k, v in seen.items())}); give them one distribution.target")
+  return next(iter(seen.values()), "pool")
+
+
+def impose_target_ages(entry: Mapping[str, Any], cfg: Any, pool_ages: np.ndarray, test_ages: np.ndarray) -> np.ndarray:
+  """The ages whose histogram `entry`'s matched stages impose: the pool's, or the test set's for target='test'."""
+  return np.asarray(test_ages if impose_target(entry, cfg) == "test" else pool_ages)
 
 
 def _target_digest(entry: Mapping[str, Any], target_ages: np.ndarray | None) -> str | None:
@@ -197,13 +235,19 @@ def pretrain_prior(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages
                            optimizer.init(fit_lib.trainable(params, mode)), jax.random.key(cfg.seed))
   images, ages = jnp.asarray(data.pool_images), jnp.asarray(data.pool_ages)
   val_images = images[jnp.asarray(val_idx)] if len(val_idx) else None
+  board = Logger(os.path.join(workdir, "tb", name), enabled=jax.process_index() == 0)  # the prior's run
+  on_losses, on_eval = fit_logging(board, "pretrain", f"the pre-training stage of prior {name}")
   result = fit_lib.fit(base.model, base.head_kind(), base.preprocess, optimizer, state, fcfg, mode, images, ages,
                        items, val_images, data.pool_ages[val_idx] if len(val_idx) else None, seed=cfg.seed,
-                       progress=cfg.get("progress", True), desc=f"pretrain {name}")
+                       progress=cfg.get("progress", True), desc=f"pretrain {name}", on_eval=on_eval,
+                       on_losses=on_losses)
   predict = fit_lib.make_predictor(base.model, base.head_kind(), base.preprocess)
   test_pred = fit_lib.predict_images(predict, result.params, result.batch_stats, jnp.asarray(data.test_images),
                                      cfg.data.crop, int(cfg.get("eval_batch_size", 64)))
   source_mae = metrics_lib.mae(test_pred, data.test_ages)
+  board.scalar("pretrain/source_test_mae", source_mae, result.steps_run, f"Test MAE (years) on the source data of the "
+               f"pre-training stage of prior {name}, at its best state. Step = optimiser steps run.")
+  board.close()
   log.info("prior %s: pre-trained %d steps (best at %d%s) on %d samples of %d source images (%s), source test MAE "
            "%.3f", name, result.steps_run, result.best_step, ", stopped early" if result.stopped_early else "",
            len(items), len(train_idx), (dist or {}).get("mode", "original"), source_mae)

@@ -7,7 +7,9 @@
   lap        ChaLearn LAP: pool = `pool_fraction` of the train split (80% in the paper), test = valid split,
              each pool image stored with `rotations` extra rotated versions (10 in the paper);
   morph / generic / appa_real / fgnet / agedb / imdb_wiki   a reader's records, split by `test_fraction`
-             (subject-disjoint when the records carry subjects).
+             (subject-disjoint when the records carry subjects: one person's images on one side);
+             with `split_column` set, records that carry their own `split` (a CSV's train/test column)
+             are split by it instead.
 Pool items sharing a `group` (a base image and its rotated versions) are drawn together.
 `config.data.select` keeps only records whose fields match, e.g. {'race': (2,)} (UTKFace race codes) or
 {'gender': ('F',)}: a field of the record or of its `extra` dict, against a list of allowed values.
@@ -23,9 +25,12 @@ import numpy as np
 
 from agejax.data.records import AgeRecord, Rejections
 from agejax.data.synthetic import synthetic_dataset
-from agejax.errors import ConfigError
+from agejax.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
+
+RECORD_SOURCES = ("utkface", "morph", "generic", "appa_real", "fgnet", "agedb", "imdb_wiki", "lap")
+SOURCES = ("synthetic", *RECORD_SOURCES)  # the values of config.data.name
 
 
 @dataclasses.dataclass
@@ -69,9 +74,9 @@ def load_study_data(cfg: Mapping[str, Any], seed: int) -> StudyData:
   name = cfg.get("name")
   if name == "synthetic":
     return _synthetic(cfg, seed)
-  if name in ("utkface", "morph", "generic", "appa_real", "fgnet", "agedb", "imdb_wiki", "lap"):
+  if name in RECORD_SOURCES:
     return _from_records(cfg, seed)
-  raise ConfigError(f"unknown config.data.name {name!r}")
+  raise ConfigError(f"unknown config.data.name {name!r}; expected one of {', '.join(SOURCES)}")
 
 
 def _synthetic(cfg: Mapping[str, Any], seed: int) -> StudyData:
@@ -97,8 +102,14 @@ def _records(cfg: Mapping[str, Any]) -> tuple[list[AgeRecord], Rejections]:
 
 def _split(cfg: Mapping[str, Any], records: list[AgeRecord], seed: int) -> tuple[list[int], list[int], dict]:
   """Pool and test indices; duplicates never straddle the split."""
-  from agejax.data.duplicates import exact_duplicate_groups, split_without_leaks
+  from agejax.data.duplicates import distinct_images, exact_duplicate_groups, split_without_leaks
 
+  if cfg.get("split_lists"):  # the authors' fixed pool and test lists instead of a seeded split
+    from agejax.data.split_lists import split_from_lists
+
+    return split_from_lists(records, cfg["split_lists"], cfg["name"])
+  if cfg.get("split_column") and any(r.split for r in records):
+    return _column_split(records, cfg.get("dedupe", True))
   if cfg["name"] == "lap" or cfg.get("use_dataset_split"):
     train = [i for i, r in enumerate(records) if r.split == "train"]
     test = [i for i, r in enumerate(records) if r.split in ("valid", "validation", "val")]
@@ -109,10 +120,85 @@ def _split(cfg: Mapping[str, Any], records: list[AgeRecord], seed: int) -> tuple
     pool = sorted(rng.choice(train, size=keep, replace=False).tolist())
     return pool, test, {"split": "dataset's own train/valid", "pool_fraction": cfg.get("pool_fraction", 0.8)}
   groups = exact_duplicate_groups([r.path for r in records]) if cfg.get("dedupe", True) else []
-  test_size = cfg.get("test_size") or int(round(len(records) * cfg.get("test_fraction", 0.2)))
-  pool, test = split_without_leaks(records, test_size, seed, groups)
-  return list(pool), list(test), {"duplicate_groups": len(groups),
-                                  "duplicate_copies": sum(len(g) - 1 for g in groups)}
+  requested = cfg.get("test_size") or int(round(len(records) * cfg.get("test_fraction", 0.2)))
+  info = {"duplicate_groups": len(groups), "duplicate_copies": sum(len(g) - 1 for g in groups),
+          "test_size_requested": requested}
+  distinct = distinct_images(records, groups)
+  if distinct < 2:
+    raise ConfigError(f"config.data: only {distinct} distinct usable image(s) remain, too few for a pool and a "
+                      "test set (see data_report.json for what was rejected)")
+  test_size = min(requested, distinct - 1)  # at least one pool image
+  if test_size < requested:
+    info["test_size_shortfall"] = (f"requested {requested} test images, but only {distinct} distinct usable images "
+                                   f"remain: the test set has {test_size}, the pool 1 image")
+    log.warning("data: %s", info["test_size_shortfall"])
+  if any(r.subject for r in records):
+    pool, test = _subject_split(records, test_size, seed, groups, info)
+  else:
+    pool, test = split_without_leaks(records, test_size, seed, groups)
+  return list(pool), list(test), info
+
+
+def _subject_split(records: list[AgeRecord], test_size: int, seed: int, groups: list[list[str]],
+                   info: dict) -> tuple[list[int], list[int]]:
+  """Like split_without_leaks (one copy per duplicate group), with all of a subject's images on one side:
+  subjects are drawn in a seeded order into the test set while they fit in `test_size`."""
+  from agejax.data.duplicates import group_ids
+
+  ids = group_ids([r.path for r in records], groups)
+  _, keep = np.unique(ids, return_index=True)
+  subjects = [records[i].subject or f"\0{i}" for i in keep]  # no subject: the image is its own
+  names, owner = np.unique(subjects, return_inverse=True)
+  counts = np.bincount(owner)
+  chosen, total = np.zeros(len(names), bool), 0
+  for s in np.random.default_rng(seed).permutation(len(names)):
+    if total + counts[s] <= test_size:
+      chosen[s], total = True, total + counts[s]
+    if total == test_size:
+      break
+  test = sorted(keep[chosen[owner]].tolist())
+  pool = sorted(keep[~chosen[owner]].tolist())
+  if not test or not pool:
+    raise DatasetError(f"config.data: the {len(keep)} images belong to {len(names)} subject(s), too few for a "
+                       f"subject-disjoint test set of {test_size}")
+  info.update(subjects=len(names), subject_disjoint=True)
+  if total < test_size:
+    info["test_size_shortfall"] = (f"requested {test_size} test images; whole subjects fill {total} "
+                                   "(one person's images stay on one side)")
+    log.warning("data: %s", info["test_size_shortfall"])
+  return pool, test
+
+
+def _column_split(records: list[AgeRecord], dedupe: bool) -> tuple[list[int], list[int], dict]:
+  """The records' own split (a CSV's `split` column): 'train' rows are the pool, 'test' rows the test set; a pool
+  copy of a test image is dropped, and subjects on both sides are counted and logged."""
+  from agejax.data.duplicates import check_split, exact_duplicate_groups
+
+  odd = [r for r in records if r.split not in ("train", "test")]
+  if odd:
+    shown = ", ".join(f"{r.source} ({r.split or 'empty'!r})" for r in odd[:3])
+    raise DatasetError(f"split column: {len(odd)} row(s) are neither 'train' nor 'test': {shown}"
+                       f"{', ...' if len(odd) > 3 else ''}")
+  pool = [i for i, r in enumerate(records) if r.split == "train"]
+  test = [i for i, r in enumerate(records) if r.split == "test"]
+  for side, rows in (("train", pool), ("test", test)):
+    if not rows:
+      where = records[0].source.rsplit(":", 1)[0] or "the dataset"
+      raise DatasetError(f"{where}: split column: no usable '{side}' row; give both train and test rows, or drop "
+                         "the column to draw the test set")
+  groups = exact_duplicate_groups([r.path for r in records]) if dedupe else []
+  kept = set(check_split([records[i].path for i in pool], [records[i].path for i in test], groups, "remove"))
+  info = {"split": "the CSV's split column", "duplicate_groups": len(groups),
+          "pool_copies_of_test_removed": sum(records[i].path not in kept for i in pool)}
+  pool = [i for i in pool if records[i].path in kept]
+  if not pool:
+    raise DatasetError("split column: every 'train' image is a copy of a 'test' image")
+  shared = {records[i].subject for i in pool} & {records[i].subject for i in test} - {None}
+  info["subjects_on_both_sides"] = len(shared)
+  for key in ("pool_copies_of_test_removed", "subjects_on_both_sides"):
+    if info[key]:
+      log.warning("data: split column: %s = %d", key, info[key])
+  return pool, test, info
 
 
 def select_records(records: list[AgeRecord], select: Mapping[str, Any] | None) -> list[AgeRecord]:
@@ -142,22 +228,46 @@ def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
     rng = np.random.default_rng([seed, 12])
     keep = np.sort(rng.choice(len(records), size=min(cfg["max_records"], len(records)), replace=False))
     records = [records[i] for i in keep]
-  pool_idx, test_idx, info = _split(cfg, records, seed)
-  if cfg.get("pool_limit"):
-    pool_idx = pool_idx[: cfg["pool_limit"]]
-  from agejax.data.cache import default_cache_dir
+  from agejax.data.cache import default_cache_dir, validate_images
 
-  # Decoded images are cached on disk (keyed by the file list and size); cache_dir 'none' turns it off.
+  # Every record is decoded BEFORE duplicate grouping and the split (cached on disk, keyed by the file list and
+  # size; cache_dir 'none' turns the cache off): an undecodable or empty file is rejected by name as a corrupt
+  # image, so it never joins a duplicate group nor leaves a hole in the test set. When the config keeps only part
+  # of the data (pool_limit, split_lists), every file is validated on a small decode and only the kept ones are
+  # decoded at full size; otherwise the one full-size decode validates them.
   cache_dir = cfg.get("cache_dir") or default_cache_dir()
   size, cache_dir = cfg["resize"], (None if cache_dir == "none" else cache_dir)
 
-  def decode(idx: list[int]) -> tuple[np.ndarray, list[AgeRecord]]:
-    images, kept = load_images([records[i].path for i in idx], size, cache_dir, resize=cfg.get("resize_mode", "squash"),
-                               rejections=rejections)
-    return images, [records[idx[k]] for k in kept]
+  def decode(paths: list[str], checked: Rejections) -> tuple[np.ndarray, np.ndarray]:
+    return load_images(paths, size, cache_dir, resize=cfg.get("resize_mode", "squash"), rejections=checked,
+                       pad_fraction=cfg.get("pad_fraction", 0.0), pad_mode=cfg.get("pad_mode", "edge"),
+                       crop_fraction=cfg.get("crop_fraction", 1.0))
 
-  pool_images, pool_recs = decode(pool_idx)
-  test_images, test_recs = decode(test_idx)
+  paths = [r.path for r in records]
+  subset = bool(cfg.get("pool_limit") or cfg.get("split_lists"))
+  if subset:
+    images, kept = None, validate_images(paths, cache_dir, rejections)
+  else:
+    images, kept = decode(paths, rejections)
+  records = [records[k] for k in kept]
+  for line in rejections.summary():
+    (log.warning if rejections.rejected else log.info)("data: %s", line)
+  if not records:
+    raise ConfigError(f"config.data.root={cfg.get('root')!r}: none of the {cfg['name']} images decodes")
+  pool_idx, test_idx, info = _split(cfg, records, seed)
+  if cfg.get("pool_limit") and len(pool_idx) > cfg["pool_limit"]:
+    # A seeded random part of the pool, never its first files: the pool comes in file order, and UTKFace's names
+    # start with the age, so its first 600 files are all aged 10-13 or 100+.
+    rng = np.random.default_rng([seed, 13])
+    pool_idx = sorted(rng.choice(np.asarray(pool_idx), size=cfg["pool_limit"], replace=False).tolist())
+    info["pool_limit"] = int(cfg["pool_limit"])
+  rows = np.arange(len(records))
+  if subset:  # already validated: a file that fails now changed meanwhile, and stops the run naming it
+    needed = sorted(set(pool_idx) | set(test_idx))
+    images, _ = decode([records[i].path for i in needed], Rejections("strict"))
+    rows[needed] = np.arange(len(needed))
+  pool_images, pool_recs = images[rows[np.asarray(pool_idx, np.int64)]], [records[i] for i in pool_idx]
+  test_images, test_recs = images[rows[np.asarray(test_idx, np.int64)]], [records[i] for i in test_idx]
   angles = tuple(cfg.get("rotation_angles", ()) or ())
   pool_groups = np.arange(len(pool_recs))
   if angles:  # the paper stores every LAP training image with rotated versions, drawn together
@@ -168,10 +278,50 @@ def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
   sig = [r.age_std for r in test_recs]
   test_sigma = np.array(sig, np.float32) if all(s is not None for s in sig) else None
   info.update(source=cfg["name"], root=cfg.get("root"), pool_bases=len(pool_recs), test=len(test_recs),
-              rotations=len(angles), rejected=rejections.to_dict(),
+              rotations=len(angles), rejected=rejections.counts_by_reason(), rejected_files="data_report.json",
               select={k: list(v) if isinstance(v, (list, tuple)) else v
                       for k, v in dict(cfg.get("select") or {}).items()})
   log.info("data: %d pool images (%d bases), %d test images", len(pool_images), len(pool_recs), len(test_recs))
   return StudyData(pool_images, pool_ages, pool_groups, [r.path for r in pool_recs], test_images,
                    np.array([r.age for r in test_recs], np.float32), test_sigma, [r.path for r in test_recs],
                    rejections, info)
+
+
+# The fields a prior entry may set in its own `data` section: how each image is framed, never which images
+# are drawn (every prior of a study sees the same pool, test set and draws).
+VIEW_FIELDS = ("pad_fraction", "pad_mode", "crop_fraction", "resize_mode")
+
+
+def check_view(overrides: Mapping[str, Any], where: str) -> None:
+  """A prior's own `data` section may only re-frame the images (VIEW_FIELDS)."""
+  unknown = sorted(set(overrides) - set(VIEW_FIELDS))
+  if unknown:
+    raise ConfigError(f"{where}: {', '.join(unknown)} cannot differ between priors (a prior's data section may "
+                      f"set only {', '.join(VIEW_FIELDS)}: the pool, test set and draws are the study's)")
+
+
+def data_view(data: StudyData, study_cfg: Mapping[str, Any], view_cfg: Mapping[str, Any]) -> StudyData:
+  """The same split framed as `view_cfg` says (its VIEW_FIELDS): the pool and test images decoded again when
+  they differ from `study_cfg`'s, else `data` itself."""
+  merged = dict(view_cfg)
+  if all(merged.get(k) == dict(study_cfg).get(k) for k in VIEW_FIELDS) or data.info.get("source") == "synthetic":
+    return data
+  from agejax.data.cache import default_cache_dir, load_images
+  from agejax.data.images import rotated_versions
+
+  cache_dir = merged.get("cache_dir") or default_cache_dir()
+  cache_dir = None if cache_dir == "none" else cache_dir
+
+  def decode(paths: list[str]) -> np.ndarray:
+    images, _ = load_images(paths, merged["resize"], cache_dir, resize=merged.get("resize_mode", "squash"),
+                            rejections=Rejections("strict"), pad_fraction=merged.get("pad_fraction", 0.0),
+                            pad_mode=merged.get("pad_mode", "edge"), crop_fraction=merged.get("crop_fraction", 1.0))
+    return images
+
+  angles = tuple(merged.get("rotation_angles", ()) or ())
+  pool = decode(data.pool_names)
+  if angles:  # the rotated versions follow each base image, as in _from_records
+    pool = np.concatenate([np.stack([im, *rotated_versions(im, angles)]) for im in pool])
+  view = {k: merged.get(k) for k in VIEW_FIELDS if merged.get(k) != dict(study_cfg).get(k)}
+  log.info("data view %s: %d pool and %d test images decoded again", view, len(pool), len(data.test_names))
+  return dataclasses.replace(data, pool_images=pool, test_images=decode(data.test_names))

@@ -1,4 +1,4 @@
-"""The transfer-learning study of the report (PROTOCOL.md §5, report Table 2, Figs 4-8).
+"""The transfer-learning study of the report (docs/protocol.md; report Table 2, Figs 4-8).
 
 A dataset is split into train / validation / test (the report: the IMDB part of IMDB-WIKI, cleaned, half of
 it, 21,568 / 7,183 / 7,183). Each backbone of `config.backbones` (ImageNet checkpoints ported by
@@ -39,7 +39,7 @@ from agejax.experiments.priors import resolve_prior
 from agejax.experiments.study_data import StudyData, load_study_data
 from agejax.models.pretrained import save_pretrained
 from agejax.reports import diagnostics
-from agejax.reports.tensorboard import Logger
+from agejax.reports.tensorboard import StudyBoard, fit_logging
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class TransferStudy:
         eval_batch_size=int(cfg.get("eval_batch_size", 64)))
 
   def train_one(self, entry: Mapping[str, Any], mode: str, splits: dict[str, Split], dev: dict[str, jax.Array],
-                tb: Logger) -> tuple[dict[str, Any], np.ndarray]:
+                tb: StudyBoard) -> tuple[dict[str, Any], np.ndarray]:
     cfg = self.cfg
     run = f"{entry['name']}-{mode}"
     overrides = dict(entry.get("backbone_overrides", {}) or {})
@@ -207,17 +207,17 @@ class TransferStudy:
                              optimizer.init(fit_lib.trainable(params, mode)), jax.random.key(cfg.seed))
     fcfg = self.fit_config(len(splits["train"].ages))
 
+    board = tb.run(run)  # the run tb/RUN/: train/loss per step, train/val_mae, train/epoch, test/*
+    on_losses, log_eval = fit_logging(board, "train", f"{run} ({mode} fine-tuning of {entry['name']})")
+
     def on_eval(record: dict, improved: bool, _state: Any) -> None:
-      for key in ("train_loss", "val_mae"):
-        if key in record:
-          tb.scalar(f"{run}/{key}", record[key], record["step"])
-      tb.scalar(f"{run}/epoch", record["epoch"], record["step"])
+      log_eval(record, improved, _state)
       log.info("%s epoch %.2f: train loss %.3f, val MAE %.3f%s", run, record["epoch"], record["train_loss"],
                record.get("val_mae", float("nan")), " (best)" if improved else "")
 
     result = fit_lib.fit(prior.model, prior.head_kind(), prior.preprocess, optimizer, state, fcfg, mode,
                          dev["train_images"], dev["train_ages"], np.arange(len(splits["train"].ages)),
-                         dev["val_images"], splits["val"].ages, seed=cfg.seed, on_eval=on_eval,
+                         dev["val_images"], splits["val"].ages, seed=cfg.seed, on_eval=on_eval, on_losses=on_losses,
                          progress=self.is_main and cfg.get("progress", True), desc=run)
     predict = fit_lib.make_predictor(prior.model, prior.head_kind(), prior.preprocess)
     test_pred = fit_lib.predict_images(predict, result.params, result.batch_stats, dev["test_images"], cfg.data.crop,
@@ -239,7 +239,9 @@ class TransferStudy:
            "backbone_max_change": _max_change(start_backbone, result.params["backbone"]),
            "train_wall_s": round(result.wall_s, 2), "checkpoint": os.path.relpath(ckpt, self.workdir)}
     for key in ("test_mae", "plcc", "srocc", "cs5"):
-      tb.scalar(f"{run}/{key}", row[key], result.steps_run)
+      board.scalar(f"test/{key.removeprefix('test_')}", row[key], result.steps_run,
+                   f"{run}: test {key.removeprefix('test_').upper()} of the best state. Step = optimiser steps run.")
+    board.flush()
     log.info("%s: test %s", run, metrics_lib.format_metrics(scores))
     return row, test_pred
 
@@ -252,7 +254,7 @@ class TransferStudy:
     dev = {f"{k}_images": jnp.asarray(s.images) for k, s in splits.items()}
     dev["train_ages"] = jnp.asarray(splits["train"].ages)
     done = {r["run"] for r in _read_rows(self.results_path)}
-    tb = Logger(os.path.join(self.workdir, "tb"), enabled=self.is_main)
+    tb = StudyBoard(os.path.join(self.workdir, "tb"), enabled=self.is_main)
     for entry in entries:
       for mode in cfg.modes:
         if f"{entry['name']}-{mode}" in done:

@@ -1,9 +1,11 @@
 """Architecture registry and the model = backbone + head wrapper.
 
 A model is described by a plain spec (a dict, stored in configs and prior metadata):
-  arch        registered backbone name: 'vgg16', 'mobilenet_v2', 'efficientnet_b0'..'b7', 'efficientnet_lite0'..'lite4'
-  head        'dex' | 'classes' | 'regression' (see heads.py)
-  num_classes classes of a 'classes' head (1000 ImageNet, 2622 VGG-Face)
+  arch        registered backbone name: 'vgg16', 'mobilenet_v2', 'efficientnet_b0'..'b7', 'efficientnet_lite0'..'lite4',
+              'wrn16_8' (WideResNet; depth/widen_factor fields), 'dlib_resnet10'
+  head        an age head ('dex', 'regression', 'coral', ...; see heads.py) or 'classes'
+  num_classes bins / ranks K of an age head (default 101), or the classes of a 'classes' head (1000 ImageNet)
+  bin_values / decode / loss_options   age-head options (heads.age_head)
   backbone    keyword arguments of the backbone (width, conv_impl, dropout, ...)
   head_init_std / regression_hidden / init_age   head options
 Variables are {'params': {'backbone': ..., 'head': ...}} plus 'batch_stats' for BatchNorm models.
@@ -15,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from agejax.models.heads import make_head
+from agejax.models.heads import head_module
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -41,11 +43,7 @@ def build_model(spec: Mapping[str, Any]) -> AgeModel:
   if arch not in BACKBONES:
     raise ValueError(f"unknown arch {arch!r}; known: {sorted(BACKBONES)}")
   backbone = BACKBONES[arch](**dict(spec.get("backbone", {})))
-  head = make_head(
-      spec.get("head", "dex"), num_classes=spec.get("num_classes", 101),
-      init_std=spec.get("head_init_std", 0.01),
-      regression_hidden=tuple(spec.get("regression_hidden", (512, 128))),
-      init_age=spec.get("init_age", 30.0))
+  head = head_module(spec)  # head, num_classes, head_init_std, regression_hidden, init_age (age heads validated)
   return AgeModel(backbone=backbone, head=head, name=None)
 
 
@@ -56,6 +54,9 @@ def _register_defaults() -> None:
   register_backbone("mobilenet_v2", mobilenet.MobileNetV2)
   for arch in efficientnet.VARIANTS:
     register_backbone(arch, efficientnet.builder(arch))
+  from agejax.models import dlib_resnet, wideresnet
+  register_backbone("wrn16_8", wideresnet.WideResNet)  # depth / widen_factor fields make the family
+  register_backbone("dlib_resnet10", dlib_resnet.DlibResNet)
 
 
 _register_defaults()

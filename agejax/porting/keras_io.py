@@ -1,5 +1,9 @@
-"""Reading legacy Keras HDF5 weight files (Keras 1, 2 and 3 `.h5`) as ordered numpy arrays."""
+"""Reading legacy Keras HDF5 weight files (Keras 1, 2 and 3 `.h5`) as ordered numpy arrays, and the layer
+graph (`model_config`) of full-model files, so that layers can be matched by their place in the topology
+rather than by their auto-generated names (`conv2d_10` sorts before `conv2d_2`)."""
 
+import dataclasses
+import json
 import os
 import re
 from typing import Any
@@ -85,3 +89,90 @@ def read_h5_weights(path: str) -> dict[str, list[tuple[str, np.ndarray]]]:
   except (OSError, KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path}: not a readable Keras HDF5 file (truncated or another format?): {e}") from e
   return layers
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasLayer:
+  """One layer of a functional model's `model_config`: its class, config and the layers it takes input from."""
+
+  name: str
+  class_name: str
+  config: dict[str, Any]
+  inbound: tuple[str, ...]
+
+
+def read_model_config(path: str) -> dict[str, Any] | None:
+  """The parsed root attribute `model_config` of a Keras full-model HDF5 file (None for weights-only files)."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such weights file")
+  h5py = _import_h5py()
+  try:
+    with h5py.File(path, "r") as f:
+      raw = f.attrs.get("model_config")
+  except (OSError, KeyError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{path}: not a readable Keras HDF5 file (truncated or another format?): {e}") from e
+  if raw is None:
+    return None
+  try:
+    config = json.loads(_text(raw))
+  except ValueError as e:
+    raise CheckpointError(f"{path}: its model_config attribute is not valid JSON: {e}") from e
+  if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+    raise CheckpointError(f"{path}: its model_config has no 'config' object")
+  return config
+
+
+def _inbound_names(layer: dict[str, Any], path: str) -> tuple[str, ...]:
+  """Input layer names of a layer's first call, in the Keras 2 (nested lists) or Keras 3 (keras_history) form."""
+  nodes = layer.get("inbound_nodes") or []
+  if len(nodes) > 1:
+    raise CheckpointError(f"{path}: layer {layer.get('name')!r} is called {len(nodes)} times (shared layers are "
+                          "not supported)")
+  if not nodes:
+    return ()
+  node = nodes[0]
+  names: list[str] = []
+
+  def walk(obj: Any) -> None:
+    if isinstance(obj, dict):
+      if "keras_history" in obj.get("config", {}):  # Keras 3: {"class_name": "__keras_tensor__", ...}
+        names.append(str(obj["config"]["keras_history"][0]))
+        return
+      for v in obj.values():
+        walk(v)
+    elif isinstance(obj, list):
+      if len(obj) >= 3 and isinstance(obj[0], str) and isinstance(obj[1], int):  # Keras 2: [name, node, tensor, {}]
+        names.append(obj[0])
+        return
+      for v in obj:
+        walk(v)
+
+  walk(node)
+  return tuple(names)
+
+
+def keras_topology(config: dict[str, Any], path: str) -> tuple[dict[str, KerasLayer], list[str], list[str]]:
+  """({name: layer} in config order, input layer names, output layer names) of a functional `model_config`."""
+  if config.get("class_name") not in ("Model", "Functional"):
+    raise CheckpointError(f"{path}: model_config describes a {config.get('class_name')!r}; a functional "
+                          "model (class 'Model' or 'Functional') was expected")
+  body = config["config"]
+  layers: dict[str, KerasLayer] = {}
+  for layer in body.get("layers", []):
+    name = str(layer.get("name") or layer.get("config", {}).get("name"))
+    if name in layers:
+      raise CheckpointError(f"{path}: model_config has two layers named {name!r}")
+    layers[name] = KerasLayer(name, str(layer.get("class_name")), dict(layer.get("config") or {}),
+                              _inbound_names(layer, path))
+  for layer in layers.values():
+    for src in layer.inbound:
+      if src not in layers:
+        raise CheckpointError(f"{path}: layer {layer.name!r} takes input from {src!r}, which model_config lacks")
+
+  def ends(key: str) -> list[str]:
+    items = body.get(key) or []
+    if items and isinstance(items[0], str):  # a single [name, node, tensor] triple
+      items = [items]
+    return [str(i[0]) for i in items]
+
+  return layers, ends("input_layers"), ends("output_layers")

@@ -38,6 +38,18 @@ def _strip_prefix(state: dict[str, np.ndarray], prefix: str = "module.") -> dict
   return state
 
 
+def _load_reason(e: Exception) -> str:
+  """torch.load's reason in one line, without its advice to retry with weights_only=False (that would run
+  code from the file, which agejax never does)."""
+  text = str(e)
+  if "WeightsUnpickler error:" in text:  # the weights-only unpickler's own reason follows this marker
+    detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+    return f"{type(e).__name__}: {detail[0].strip() if detail else 'unsupported pickle content'}"
+  if "weights_only" in text:
+    return f"{type(e).__name__}: the weights-only unpickler rejected it"
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """{key: float32 array} from a torch .pth/.pt file (zip or legacy format), tensors only.
 
@@ -51,8 +63,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
           AttributeError, KeyError, TypeError, IndexError) as e:
-    raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format?): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (truncated or another format?): "
+                          f"{_load_reason(e)}") from e
   state = {}
   for key, value in _unwrap(obj, path).items():
     if key.endswith("num_batches_tracked") or not isinstance(value, torch.Tensor):

@@ -34,6 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from agejax.engine.metrics import mae, plcc, srocc
+from agejax.errors import AgejaxError, DatasetError
 from agejax.reports import plots
 from agejax.reports.tensorboard import Logger
 
@@ -58,12 +59,15 @@ def write_split(path: str, names: Sequence[str], ages: Sequence[float]) -> None:
 def read_split(path: str) -> tuple[list[str], np.ndarray]:
   names, ages = [], []
   with open(path) as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       if line.startswith("#") or not line.strip():
         continue
-      name, age = line.rstrip("\n").split("\t")[:2]
+      try:
+        name, age = line.rstrip("\n").split("\t")[:2]
+        ages.append(float(age))
+      except ValueError:
+        raise DatasetError(f"{path}:{number}: expected `path<TAB>age`, got {line.strip()[:80]!r}") from None
       names.append(name)
-      ages.append(float(age))
   return names, np.asarray(ages, np.float64)
 
 
@@ -82,13 +86,17 @@ def read_predictions(path: str, split: str = "test") -> dict[str, dict[str, Any]
   """{run: {'names': [...], 'ages': array, 'preds': array}} for one split."""
   out: dict[str, dict[str, Any]] = {}
   with open(path, newline="") as f:
-    for row in csv.DictReader(f):
+    for number, row in enumerate(csv.DictReader(f), 2):
       if row.get("split", "test") != split:
         continue
-      r = out.setdefault(row["run"], {"names": [], "ages": [], "preds": []})
-      r["names"].append(row["path"])
-      r["ages"].append(float(row["age"]))
-      r["preds"].append(float(row["pred"]))
+      try:
+        run, name, age, pred = row["run"], row["path"], float(row["age"]), float(row["pred"])
+      except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path}:{number}: malformed prediction row ({type(e).__name__}: {e})") from None
+      r = out.setdefault(run, {"names": [], "ages": [], "preds": []})
+      r["names"].append(name)
+      r["ages"].append(age)
+      r["preds"].append(pred)
   for r in out.values():
     r["ages"], r["preds"] = np.asarray(r["ages"]), np.asarray(r["preds"])
   return out
@@ -153,6 +161,7 @@ def label_suspects(runs: Mapping[str, Mapping[str, Any]], threshold: float, min_
 def duplicate_report(split_names: Mapping[str, Sequence[str]], near: bool = True, near_distance: int = 4) -> dict:
   """Exact (and near) duplicate groups among the existing image files of the splits, and which splits they span."""
   from agejax.data.duplicates import exact_duplicate_groups, near_duplicate_groups
+  from agejax.data.records import Rejections
 
   where: dict[str, set[str]] = {}
   for split, names in split_names.items():
@@ -170,8 +179,11 @@ def duplicate_report(split_names: Mapping[str, Sequence[str]], near: bool = True
 
   out = {"checked_files": len(files), "exact": describe(exact_duplicate_groups(files))}
   if near:
-    out["near"] = describe(near_duplicate_groups(files, max_distance=near_distance))
+    unreadable = Rejections("skip")  # a file that no longer decodes is named, not fatal
+    out["near"] = describe(near_duplicate_groups(files, max_distance=near_distance, rejections=unreadable))
     out["near"]["max_hamming_distance"] = near_distance
+    if unreadable.total:
+      out["near"]["undecodable_files"] = [p for names in unreadable.examples.values() for p in names]
   return out
 
 
@@ -356,9 +368,14 @@ def main(argv: list[str] | None = None) -> int:
   logger = None if args.no_tensorboard else Logger(os.path.join(args.workdir, "tb"), enabled=True)
   options = {"gross": args.gross, "band": tuple(args.band), "suspect_error": args.suspect_error,
              "min_agree": args.min_agree, "near": not args.no_near}
-  report = run_diagnostics(args.workdir, logger=logger, options=options)
-  if logger is not None:
-    logger.close()
+  try:
+    report = run_diagnostics(args.workdir, logger=logger, options=options)
+  except (AgejaxError, OSError, ValueError) as e:  # a malformed or unreadable file of the workdir, named
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  finally:
+    if logger is not None:
+      logger.close()
   print(report_markdown(report))
   return 0
 

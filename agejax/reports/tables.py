@@ -22,6 +22,9 @@ _STR_FIELDS = frozenset({"prior"})
 
 Row = dict[str, Any]
 Summary = dict[tuple[str, int], dict[str, tuple[float, float, int]]]
+# The SD of table.md: the population SD (numpy's np.std, ddof 0), as the authors computed Tables 1-4 (their
+# learning_curve_statistics.py); results.csv keeps every trial, so any other statistic can be recomputed.
+TABLE_DDOF = 0
 
 
 def _header(rows: Sequence[Mapping[str, Any]], existing: Sequence[str] = ()) -> list[str]:
@@ -122,8 +125,8 @@ def latest_trials(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
   return list(latest.values())
 
 
-def summarize(rows: Iterable[Mapping[str, Any]], metrics: Sequence[str] = METRIC_FIELDS) -> Summary:
-  """Mean, sample SD (ddof=1) and trial count per (prior, n_train) for each metric.
+def summarize(rows: Iterable[Mapping[str, Any]], metrics: Sequence[str] = METRIC_FIELDS, ddof: int = 1) -> Summary:
+  """Mean, SD (sample SD with the default ddof=1; TABLE_DDOF for the paper's) and trial count per (prior, n_train).
 
   Missing or nan values (e.g. no eps-error without vote SDs) are left out, so the count is per metric. The SD
   of a single trial is nan, shown as '-' in tables; a metric with no values at all gives (nan, nan, 0).
@@ -137,7 +140,7 @@ def summarize(rows: Iterable[Mapping[str, Any]], metrics: Sequence[str] = METRIC
     for metric in metrics:
       values = np.array([r[metric] for r in members if _finite(r.get(metric))], dtype=np.float64)
       mean = float(values.mean()) if values.size else float("nan")
-      sd = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+      sd = float(values.std(ddof=ddof)) if values.size > 1 else float("nan")
       stats[metric] = (mean, sd, int(values.size))
     summary[key] = stats
   return summary
@@ -157,13 +160,13 @@ def format_mean_sd(mean: float, sd: float, decimals: int = 3) -> str:
 
 
 def table_markdown(rows: Sequence[Mapping[str, Any]], metric: str = "mae", priors: Sequence[str] | None = None,
-                   decimals: int = 3) -> str:
+                   decimals: int = 3, ddof: int = 1) -> str:
   """A Markdown table: one row per training-set size (0 = prior untouched), one column per prior, and trials.
 
   The trials column gives the count once when every prior agrees, else one count per prior separated by '/'.
   """
   priors = list(priors) if priors is not None else priors_in_order(rows)
-  summary = summarize(rows, (metric,))
+  summary = summarize(rows, (metric,), ddof)
   sizes = sorted({n for _, n in summary})
   columns = ["n_train", *priors, "trials"]
   lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
@@ -179,17 +182,19 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], metric: str = "mae", prior
   return "\n".join(lines) + "\n"
 
 
-def write_tables(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str = "Results") -> Path:
-  """Writes workdir/table.md: MAE, then CS@5, PLCC and SROCC, and eps-error when any trial has it."""
+def write_tables(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str = "Results",
+                 ddof: int = TABLE_DDOF) -> Path:
+  """Writes workdir/table.md: MAE, then CS@5, PLCC and SROCC, and eps-error when any trial has it; SD with `ddof`."""
   path = Path(workdir) / "table.md"
   path.parent.mkdir(parents=True, exist_ok=True)
   summary = summarize(rows)
   has_eps = any(stats["eps_error"][2] for stats in summary.values())
   metrics = ["mae", *(["eps_error"] if has_eps else []), "cs5", "plcc", "srocc"]
-  parts = [f"# {title}\n", "Cells: mean ± sample SD (ddof=1) over trials; '-' marks a single trial. "
-           "Size 0 is the prior without fine-tuning.\n"]
+  kind = "population SD (ddof 0, numpy's np.std, as the paper's Tables 1-4)" if ddof == 0 else f"SD (ddof {ddof})"
+  parts = [f"# {title}\n", f"Cells: mean ± {kind} over trials; '-' marks a single trial. "
+           "Size 0 is the prior without fine-tuning. results.csv holds every trial.\n"]
   for metric in metrics:
     parts.append(f"## {METRIC_LABELS[metric]}\n")
-    parts.append(table_markdown(rows, metric))
+    parts.append(table_markdown(rows, metric, ddof=ddof))
   path.write_text("\n".join(parts))
   return path

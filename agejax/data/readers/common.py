@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 
-from agejax.data.records import Dataset, Rejections
+from agejax.data.records import WARNING, Dataset, Rejections
 
 Reader = Callable[..., Dataset]
 REGISTRY: dict[str, Reader] = {}
@@ -15,7 +15,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 # Files a dataset folder commonly carries besides its images; anything else unparsable is rejected.
 NON_IMAGE_EXTS = (".txt", ".csv", ".json", ".md", ".mat", ".db", ".ini", ".zip", ".tar", ".gz", ".tgz", ".npz",
                   ".npy", ".pkl", ".py", ".html", ".xml", ".yaml", ".yml", ".log", ".pdf")
-WARNING = "warning: "  # reasons starting with this describe records that were kept
 
 
 def register(*names: str) -> Callable[[Reader], Reader]:
@@ -31,11 +30,7 @@ def register(*names: str) -> Callable[[Reader], Reader]:
 
 def warn(rej: Rejections, where: str, reason: str) -> None:
   """Counts a kept-but-suspicious input in the report without raising under 'strict'."""
-  reason = WARNING + reason
-  rej.counts[reason] += 1
-  ex = rej.examples.setdefault(reason, [])
-  if len(ex) < rej.max_examples:
-    ex.append(where)
+  rej.flag(where, WARNING + reason)
 
 
 def valid_age(age: float, rej: Rejections, where: str, min_age: float, max_age: float) -> bool:

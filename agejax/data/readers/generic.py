@@ -1,5 +1,5 @@
 """Generic CSV: a header with `path` and `age` (optional `age_std`, `split`, `subject`, `gender`),
-paths relative to the image root."""
+paths relative to the CSV's folder (or absolute)."""
 
 import os
 
@@ -16,11 +16,28 @@ from agejax.data.readers.common import (
 from agejax.data.records import AgeRecord, Dataset, Rejections
 from agejax.errors import DatasetError
 
+REQUIRED = ("path", "age")
+MISSING_SHOWN = 3  # missing image paths named in the 'no image found' error
+
+
+def check_header(header: list[str], csv: str) -> None:
+  """Raises DatasetError naming the missing required columns and the columns found."""
+  missing = [c for c in REQUIRED if c not in header]
+  if missing:
+    found = ", ".join(h for h in header if h) or "none (empty file)"
+    raise DatasetError(f"{csv}: header must contain 'path' and 'age'; missing {' and '.join(map(repr, missing))} "
+                       f"(columns found: {found})")
+
 
 @register("csv", "generic")
 def read_generic(root: str, policy: str = "skip", csv: str | None = None, min_age: float = 0,
-                 max_age: float = 120) -> Dataset:
-  """`root` is the CSV itself (images beside it) or a folder holding exactly one CSV, or pass `csv=`."""
+                 max_age: float = 120, strict_ages: bool = False) -> Dataset:
+  """`root` is the CSV itself (images beside it) or a folder holding exactly one CSV, or pass `csv=`.
+
+  `strict_ages`: a row whose age (or age_std) is not a number stops the read naming file:line, whatever the
+  policy (a wrong column or a range like '25-32' is a mistake to fix, not an image to drop). When no listed
+  image exists, the error names the first few missing paths and the count.
+  """
   root = check_root(root)
   if csv is None and os.path.isfile(root):
     csv, root = root, os.path.dirname(root)
@@ -30,12 +47,11 @@ def read_generic(root: str, policy: str = "skip", csv: str | None = None, min_ag
       raise DatasetError(f"{root}: expected one CSV, found {len(found)}; pass csv=...")
     csv = found[0]
   header, rows = csv_table(csv)
-  if not {"path", "age"} <= set(header):
-    raise DatasetError(f"{csv}: header {header} must contain 'path' and 'age'")
+  check_header(header, csv)
   idx = {h: j for j, h in enumerate(header)}
   name = os.path.basename(csv)
   rej = Rejections(policy)
-  records = []
+  records, missing = [], []
   for line, cells in rows:
     where = f"{name}:{line}"
     if len(cells) < len(header):
@@ -45,14 +61,23 @@ def read_generic(root: str, policy: str = "skip", csv: str | None = None, min_ag
     age, std_text = parse_float(row["age"]), row.get("age_std", "")
     std = parse_float(std_text) if std_text else None
     if age is None or (std_text and std is None):
+      if strict_ages:
+        bad = ("age", row["age"]) if age is None else ("age_std", std_text)
+        raise DatasetError(f"{csv}:{line}: {bad[0]} {bad[1]!r} is not a number")
       rej.reject(where, "malformed row (age or age_std not a number)")
       continue
     if not valid_age(age, rej, where, min_age, max_age):
       continue
     img = os.path.join(root, row["path"])
     if not os.path.isfile(img):
+      missing.append(row["path"])
       rej.reject(f"{where} ({row['path']})", "missing file")
       continue
+    split = row.get("split", "").lower() or None
     records.append(AgeRecord(path=img, age=age, age_std=std, gender=gender_code(row.get("gender", "")),
-                             subject=row.get("subject") or None, split=row.get("split") or None, source=where))
+                             subject=row.get("subject") or None, split=split, source=where))
+  if not records and missing:
+    shown = ", ".join(missing[:MISSING_SHOWN]) + (", ..." if len(missing) > MISSING_SHOWN else "")
+    raise DatasetError(f"{csv}: no image found: all {len(missing)} listed paths are missing (relative paths "
+                       f"resolve against {root}): {shown}")
   return finish("csv", root, records, rej)

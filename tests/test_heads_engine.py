@@ -1,0 +1,155 @@
+"""Every age head inside the trial engine: vmapped == looped == lone trials, and the same draws for every head."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from agejax.data.synthetic import synthetic_dataset
+from agejax.engine import trials as T
+from agejax.engine.optim import make_optimizer
+from agejax.errors import ConfigError
+from agejax.experiments import learning_curve
+from agejax.experiments.learning_curve import make_initial_state
+from agejax.experiments.priors import resolve_prior
+from agejax.main import run_config
+from agejax.models import register_backbone, save_pretrained
+from agejax.models.heads import AGE_KINDS, AgeHead
+from configs import demo
+
+RES = 12
+PRE = {"channel_order": "RGB", "scale": 1.0}
+
+
+class TinyBackbone(nn.Module):
+  """A dense layer on 4x4-pooled pixels, with dropout: quick to compile, so every head can be tried."""
+
+  conv_impl: str = "lax"
+  dtype: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.avg_pool(x.astype(jnp.float32), (4, 4), (4, 4)).reshape(x.shape[0], -1)
+    x = nn.Dropout(0.2, deterministic=not train)(x)
+    return nn.relu(nn.Dense(8, name="fc")(x))
+
+
+register_backbone("tiny_heads_test", TinyBackbone)
+MODEL = {"arch": "tiny_heads_test", "head": "dex"}
+
+
+@pytest.fixture(scope="module")
+def pool():
+  x, y = synthetic_dataset(24, RES + 2, seed=1)
+  return jnp.asarray(x), jnp.asarray(y)
+
+
+def _engine(prior):
+  """(chunk, predict, start): one trial's compiled pieces, shared by the strategies."""
+  opt = make_optimizer(ml_collections.ConfigDict(dict(name="adam", base_lr=1e-2, gamma=0.1, rules=((".*", 1.0, 1.0),))),
+                       prior.variables["params"])
+  chunk = T.make_train_chunk(prior.model, prior.head_kind(), prior.preprocess, opt, T.StepConfig(4, RES))
+  return chunk, T.make_predict(prior.model, prior.head_kind(), prior.preprocess), make_initial_state(prior, opt, RES)
+
+
+def _trials(engine, strategy, seeds, pool, evaluate=False):
+  """(losses (T, steps), final parameters per trial, test predictions (T, 8) or None)."""
+  chunk, predict, start = engine
+  runner = T.TrialRunner(chunk, predict, strategy)
+  orders = np.stack([T.sample_order(np.arange(2 * s, 2 * s + 6), 4, 4, s) for s in seeds])
+  losses, params, preds = [], [], []
+  for sl in runner.slices(len(seeds)):
+    state = runner.group([start(s) for s in seeds[sl]])
+    state, loss = runner.train(state, runner.group_rows(orders, sl), 0, T.Hyper(jnp.int32(2), jnp.int32(4)), *pool)
+    losses.append(loss)
+    if evaluate:
+      preds.append(T.evaluate(runner, state, pool[0][:8], RES, 8))
+    params += [jax.device_get(st.params) for st in runner.ungroup(state, sl.stop - sl.start)]
+  return np.concatenate(losses), params, np.concatenate(preds) if evaluate else None
+
+
+@pytest.mark.parametrize("kind", AGE_KINDS)
+def test_head_trials_vmapped_equal_lone(kind, pool):
+  """'loop' runs each trial as a lone program: trial i of the vmapped group must equal it, for every head."""
+  prior = resolve_prior({"name": kind, "model": MODEL, "head": "new", "head_type": kind}, {"preprocess": PRE}, RES, 0)
+  assert prior.head_kind().kind == kind and prior.spec["head"] == kind
+  engine = _engine(prior)
+  loss_v, params_v, pred_v = _trials(engine, "vmap", [0, 1, 2], pool, evaluate=True)
+  loss_l, params_l, _ = _trials(engine, "loop", [0, 1, 2], pool)
+  assert np.isfinite(loss_v).all() and not np.allclose(loss_v[:, 0], loss_v[:, -1])  # it trains
+  assert np.isfinite(pred_v).all() and pred_v.shape == (3, 8) and (pred_v >= 0).all()
+  head_v = [p["head"] for p in params_v]
+  assert not np.allclose(jax.tree.leaves(head_v[0])[0], jax.tree.leaves(head_v[1])[0])  # trials differ
+  np.testing.assert_allclose(loss_v, loss_l, rtol=1e-4, atol=1e-4)
+  for t in range(3):
+    # Adam divides tiny gradients by their tiny RMS: float noise may move a weight by a fraction of one step (1e-2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-4), params_v[t], params_l[t])
+
+
+def test_head_options_reach_the_engine():
+  prior = resolve_prior({"name": "d", "model": MODEL, "head_type": "dldl_v2",
+                         "head_options": {"sigma": 3.0, "decode": "median"}}, {"preprocess": PRE}, RES, 0)
+  head = prior.head_kind()
+  assert isinstance(head, AgeHead) and head.decoding == "median" and head.option("sigma") == 3.0
+  assert head.option("lambda_l1") == 1.0
+  with pytest.raises(ConfigError, match=r"priors\[d\]\.head_options\.sigmaa is not a head option"):
+    resolve_prior({"name": "d", "model": MODEL, "head_options": {"sigmaa": 1}}, {"preprocess": PRE}, RES, 0)
+  with pytest.raises(ConfigError, match=r"priors\[d\] \(coral head\): loss_options\.sigma is not an option"):
+    resolve_prior({"name": "d", "model": MODEL, "head_type": "coral", "head_options": {"sigma": 1.0}},
+                  {"preprocess": PRE}, RES, 0)
+  with pytest.raises(ConfigError, match=r"priors\[d\]\.head_type='softmax'"):
+    resolve_prior({"name": "d", "model": MODEL, "head_type": "softmax"}, {"preprocess": PRE}, RES, 0)
+
+
+def test_kept_dex_head_switches_loss_and_decoder(tmp_path):
+  source = resolve_prior({"name": "s", "model": {**MODEL, "num_classes": 5, "bin_values": [0.5, 1, 2, 4, 8]}},
+                         {"preprocess": PRE}, RES, 0)
+  bins = [0.5, 1, 2, 4, 8]
+  save_pretrained(str(tmp_path / "p"), {**MODEL, "num_classes": 5, "bin_values": bins}, source.variables,
+                  source.preprocess)
+  kept = resolve_prior({"name": "k", "dir": str(tmp_path / "p"), "head": "keep", "head_type": "dldl",
+                        "head_options": {"decode": "median", "sigma": 1.0}}, {}, RES, 0)
+  head = kept.head_kind()
+  assert (head.kind, head.num_classes, head.decoding, head.bin_values) == ("dldl", 5, "median", tuple(bins))
+  np.testing.assert_array_equal(kept.variables["params"]["head"]["fc"]["kernel"],
+                                source.variables["params"]["head"]["fc"]["kernel"])  # the kept layer itself
+  assert not kept.new_head
+  with pytest.raises(ConfigError, match=r"head_type='coral' cannot reuse the kept 'dex' layer"):
+    resolve_prior({"name": "k", "dir": str(tmp_path / "p"), "head": "keep", "head_type": "coral"}, {}, RES, 0)
+  with pytest.raises(ConfigError, match=r"head_options\.num_classes is fixed by the kept head"):
+    resolve_prior({"name": "k", "dir": str(tmp_path / "p"), "head": "keep", "head_options": {"num_classes": 7}},
+                  {}, RES, 0)
+
+
+def test_every_head_gets_the_same_draws(tmp_path, monkeypatch):
+  """Trial i of every head trains on the same subset in the same order (they depend on size and seed only)."""
+  orders: dict[int, list[np.ndarray]] = {}
+  calls = []
+  real = T.sample_order
+
+  def recording(items, steps, batch_size, seed):
+    out = real(items, steps, batch_size, seed)
+    calls.append((seed, out))
+    return out
+
+  monkeypatch.setattr(learning_curve.trials_lib, "sample_order", recording)
+  c = demo.get_config("quick,tiny")
+  c.data.update(resize=RES + 2, crop=RES)
+  c.model.preprocess = dict(PRE, resize=RES + 2, crop=RES)
+  kinds = ("dex", "coral", "regression")
+  c.priors = [dict(name=k, model=MODEL, head="new", head_type=k) for k in kinds]
+  c.sizes = [(3, 2, 2, 2)]
+  c.save_trials = "none"
+  run_config(c, str(tmp_path))
+  for seed, order in calls:
+    orders.setdefault(seed, []).append(order)
+  assert sorted(orders) == [c.seed, c.seed + 1] and all(len(v) == len(kinds) for v in orders.values())
+  for same in orders.values():
+    for other in same[1:]:
+      np.testing.assert_array_equal(same[0], other)
+  for trial in range(2):
+    texts = [(tmp_path / "splits" / k / "n00003" / f"trial{trial:02d}.txt").read_text().splitlines()[1:]
+             for k in kinds]
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) == 3
