@@ -90,6 +90,10 @@ def test_predict_cli_on_a_saved_trial(demo_run, tmp_path):
   ckpt = workdir / "checkpoints" / "pretrained" / "n00003_median"
   r = _cli("-m", "agejax.predict", "--checkpoint", str(ckpt), "--aligned", *paths)  # synthetic chips, no faces
   assert r.returncode == 0, r.stderr[-2000:]
+  # the demo trained on synthetic discs: its checkpoints say so and predict warns before any age
+  assert json.loads((ckpt / "agejax_prior.json").read_text())["training_data"] == {"name": "synthetic",
+                                                                                   "synthetic": True}
+  assert "warning:" in r.stderr and "synthetic" in r.stderr
   header, *lines = r.stdout.strip().splitlines()
   out = [dict(zip(header.split("\t"), line.split("\t"))) for line in lines]
   assert [o["path"] for o in out] == paths

@@ -211,9 +211,11 @@ class TrialKeeper:
   directories and the ones not picked are deleted at the end.
   """
 
-  def __init__(self, workdir: str, prior: Prior, budget_mb: float, complete: Callable[[Any], Any] | None = None):
+  def __init__(self, workdir: str, prior: Prior, budget_mb: float, complete: Callable[[Any], Any] | None = None,
+               training_data: Mapping[str, Any] | None = None):
     self.root = os.path.join(workdir, "checkpoints", prior.name)
     self.prior = prior
+    self.training_data = training_data  # recorded in the saved trials' metadata (predict warns on synthetic)
     self.complete = complete or (lambda v: v)  # a frozen-prefix trial's tail variables -> the whole model's
     self.budget = budget_mb * 2**20
     self.held: dict[int, Any] = {}
@@ -261,11 +263,12 @@ class TrialKeeper:
       source = {"format": "agejax-trial", "prior": self.prior.name, "n_train": n, "trial": t,
                 "seed": rows[t]["seed"], "mae": rows[t]["mae"]}
       if t in self.held:
-        save_pretrained(out, self.prior.spec, self.complete(self.held[t]), self.prior.preprocess, source=source)
+        variables = self.complete(self.held[t])
       else:
         from agejax.models.pretrained import load_pretrained
         _, variables, _ = load_pretrained(self.staged[t])
-        save_pretrained(out, self.prior.spec, variables, self.prior.preprocess, source=source)
+      save_pretrained(out, self.prior.spec, variables, self.prior.preprocess, source=source,
+                      training_data=self.training_data)
       rows[t].setdefault("checkpoint", os.path.relpath(out, os.path.dirname(os.path.dirname(self.root))))
     shutil.rmtree(os.path.join(self.root, f"n{n:05d}_staging"), ignore_errors=True)
 
@@ -378,8 +381,9 @@ class Study:
     mesh = sharding_lib.MeshConfig.from_config(cfg)
     for name in trials_lib.STRATEGIES:
       engine.runner(name).set_mesh(mesh)
+    trained_on = {"name": cfg.data.name, "synthetic": cfg.data.name == "synthetic"}
     keeper = TrialKeeper(self.workdir, prior, cfg.get("keep_states_mb", 2048),
-                         engine.frozen.complete if engine.frozen else None) if self._saving() else None
+                         engine.frozen.complete if engine.frozen else None, trained_on) if self._saving() else None
     ckpt = self.size_checkpoints(prior.name, size, k, engine.freeze)
     resume = self.resume_point(ckpt, keeper, engine, size) if ckpt else None
     if resume:

@@ -269,6 +269,7 @@ def pretrain_prior(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages
     save_pretrained(out, base.spec, variables, base.preprocess,
                     source={"format": "agejax-pretrain", "stage": os.path.basename(out), "steps": result.steps_run,
                             "source_images": int(len(items)), "source_test_mae": source_mae,
-                            "definition": _plain(entry)})
+                            "definition": _plain(entry)},
+                    training_data={"name": data_cfg["name"], "synthetic": data_cfg["name"] == "synthetic"})
   sharding_lib.barrier(f"pretrain:{os.path.basename(out)}")
   return out

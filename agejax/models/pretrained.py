@@ -107,11 +107,13 @@ def face_crop_dict(face_crop: Mapping[str, Any] | None) -> dict[str, Any]:
 def save_pretrained(
     directory: str, spec: Mapping[str, Any], variables: Any, preprocess: Preprocess,
     source: Mapping[str, Any] | None = None, face_crop: Mapping[str, Any] | None = None,
-    extra_heads: Mapping[str, Mapping[str, Any]] | None = None,
+    extra_heads: Mapping[str, Mapping[str, Any]] | None = None, training_data: Mapping[str, Any] | None = None,
 ) -> None:
   """Writes a prior directory (overwrites the variables if they exist).
 
   `face_crop` is written as the top-level `face_crop` key (omitted when None: readers then assume 'chip').
+  `training_data` ({'name': dataset, 'synthetic': bool}) says what the weights were last trained on;
+  `agejax.predict` warns on real faces when it is synthetic.
   `extra_heads` maps a head name to {'kernel': (F, K) array, 'bias': (K,) array, other JSON-able info}:
   the arrays go to extra_heads.npz, the info to the `extra_heads` key.
   """
@@ -123,6 +125,8 @@ def save_pretrained(
   meta = {"model": dict(spec), "preprocess": preprocess.to_dict(), "source": dict(source or {})}
   if face_crop is not None:
     meta["face_crop"] = face_crop_dict(face_crop)
+  if training_data is not None:
+    meta["training_data"] = dict(training_data)
   if extra_heads:
     arrays, info = {}, {}
     for name, head in extra_heads.items():
