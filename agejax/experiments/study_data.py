@@ -213,9 +213,31 @@ def select_records(records: list[AgeRecord], select: Mapping[str, Any] | None) -
   return [r for r in records if all(value(r, f) in ok for f, ok in allowed.items())]
 
 
-def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
+def _cache_dir(cfg: Mapping[str, Any]) -> str | None:
+  """The image cache folder of a data config (None: `cache_dir='none'`, no cache)."""
+  from agejax.data.cache import default_cache_dir
+
+  cache_dir = cfg.get("cache_dir") or default_cache_dir()
+  return None if cache_dir == "none" else cache_dir
+
+
+def _decode(cfg: Mapping[str, Any], paths: list[str], rejections: Rejections) -> tuple[np.ndarray, np.ndarray]:
+  """(images, kept) of `paths` decoded, resized and framed as the data config says (agejax.data.cache)."""
   from agejax.data.cache import load_images
+
+  return load_images(paths, cfg["resize"], _cache_dir(cfg), resize=cfg.get("resize_mode", "squash"),
+                     rejections=rejections, pad_fraction=cfg.get("pad_fraction", 0.0),
+                     pad_mode=cfg.get("pad_mode", "edge"), crop_fraction=cfg.get("crop_fraction", 1.0))
+
+
+def _with_rotations(images: np.ndarray, angles: tuple[float, ...]) -> np.ndarray:
+  """Each image followed by its rotated versions."""
   from agejax.data.images import rotated_versions
+
+  return np.concatenate([np.stack([im, *rotated_versions(im, angles)]) for im in images])
+
+
+def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
 
   records, rejections = _records(cfg)
   if cfg.get("select"):
@@ -228,20 +250,15 @@ def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
     rng = np.random.default_rng([seed, 12])
     keep = np.sort(rng.choice(len(records), size=min(cfg["max_records"], len(records)), replace=False))
     records = [records[i] for i in keep]
-  from agejax.data.cache import default_cache_dir, validate_images
+  from agejax.data.cache import validate_images
 
   # Every record is decoded BEFORE duplicate grouping and the split (cached on disk, keyed by the file list and
   # size; cache_dir 'none' turns the cache off): an undecodable or empty file is rejected by name as a corrupt
   # image, so it never joins a duplicate group nor leaves a hole in the test set. When the config keeps only part
   # of the data (pool_limit, split_lists), every file is validated on a small decode and only the kept ones are
   # decoded at full size; otherwise the one full-size decode validates them.
-  cache_dir = cfg.get("cache_dir") or default_cache_dir()
-  size, cache_dir = cfg["resize"], (None if cache_dir == "none" else cache_dir)
-
-  def decode(paths: list[str], checked: Rejections) -> tuple[np.ndarray, np.ndarray]:
-    return load_images(paths, size, cache_dir, resize=cfg.get("resize_mode", "squash"), rejections=checked,
-                       pad_fraction=cfg.get("pad_fraction", 0.0), pad_mode=cfg.get("pad_mode", "edge"),
-                       crop_fraction=cfg.get("crop_fraction", 1.0))
+  cache_dir = _cache_dir(cfg)
+  decode = lambda paths, checked: _decode(cfg, paths, checked)  # noqa: E731
 
   paths = [r.path for r in records]
   subset = bool(cfg.get("pool_limit") or cfg.get("split_lists"))
@@ -271,8 +288,7 @@ def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
   angles = tuple(cfg.get("rotation_angles", ()) or ())
   pool_groups = np.arange(len(pool_recs))
   if angles:  # the paper stores every LAP training image with rotated versions, drawn together
-    versions = [np.stack([im, *rotated_versions(im, angles)]) for im in pool_images]
-    pool_images = np.concatenate(versions)
+    pool_images = _with_rotations(pool_images, angles)
     pool_groups = np.repeat(pool_groups, len(angles) + 1)
   pool_ages = np.repeat(np.array([r.age for r in pool_recs], np.float32), len(angles) + 1)
   sig = [r.age_std for r in test_recs]
@@ -306,22 +322,11 @@ def data_view(data: StudyData, study_cfg: Mapping[str, Any], view_cfg: Mapping[s
   merged = dict(view_cfg)
   if all(merged.get(k) == dict(study_cfg).get(k) for k in VIEW_FIELDS) or data.info.get("source") == "synthetic":
     return data
-  from agejax.data.cache import default_cache_dir, load_images
-  from agejax.data.images import rotated_versions
-
-  cache_dir = merged.get("cache_dir") or default_cache_dir()
-  cache_dir = None if cache_dir == "none" else cache_dir
-
-  def decode(paths: list[str]) -> np.ndarray:
-    images, _ = load_images(paths, merged["resize"], cache_dir, resize=merged.get("resize_mode", "squash"),
-                            rejections=Rejections("strict"), pad_fraction=merged.get("pad_fraction", 0.0),
-                            pad_mode=merged.get("pad_mode", "edge"), crop_fraction=merged.get("crop_fraction", 1.0))
-    return images
-
   angles = tuple(merged.get("rotation_angles", ()) or ())
-  pool = decode(data.pool_names)
+  pool, _ = _decode(merged, data.pool_names, Rejections("strict"))
   if angles:  # the rotated versions follow each base image, as in _from_records
-    pool = np.concatenate([np.stack([im, *rotated_versions(im, angles)]) for im in pool])
+    pool = _with_rotations(pool, angles)
+  test, _ = _decode(merged, data.test_names, Rejections("strict"))
   view = {k: merged.get(k) for k in VIEW_FIELDS if merged.get(k) != dict(study_cfg).get(k)}
   log.info("data view %s: %d pool and %d test images decoded again", view, len(pool), len(data.test_names))
-  return dataclasses.replace(data, pool_images=pool, test_images=decode(data.test_names))
+  return dataclasses.replace(data, pool_images=pool, test_images=test)
