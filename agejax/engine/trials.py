@@ -21,15 +21,10 @@ device running its own block (`_per_device`); a 'loop' group then holds one tria
 """
 
 import collections
-import dataclasses
 import functools
-import hashlib
-import json
-import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,111 +33,20 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from agejax.models.heads import age_loss, predict_age
+from agejax.engine.autotune import STRATEGIES, auto_key, choose_strategy, default_candidates  # noqa: F401
+from agejax.engine.step import (  # noqa: F401
+  Hyper,
+  Inputs,
+  StepConfig,
+  TrialState,
+  augment,
+  center_crop,
+  make_predict,
+  make_train_step,
+  sample_order,
+)
 from agejax.models.pretrained import Preprocess
 from agejax.parallel import sharding as sharding_lib
-
-STRATEGIES = ("vmap", "map", "loop")
-
-
-class TrialState(NamedTuple):
-  """Everything one trial carries from step to step."""
-
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  key: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """Static description of a training step (hashable pieces only; the optimiser is closed over)."""
-
-  batch_size: int
-  crop: int
-  mirror: bool = True
-  random_crop: bool = True
-
-
-def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
-  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
-def sample_order(items: np.ndarray, steps: int, batch_size: int, seed: int) -> np.ndarray:
-  """(steps, batch) pool indices: consecutive batches of per-epoch shuffles of a trial's items.
-
-  Like Caffe's shuffling data layer, a batch that crosses an epoch boundary continues into the next
-  epoch's shuffle; with fewer items than the batch size, one batch spans several epochs.
-  """
-  items = np.asarray(items)
-  need = steps * batch_size
-  rng = np.random.default_rng([seed, len(items), 0x5EED])
-  epochs = -(-need // len(items))
-  order = np.concatenate([items[rng.permutation(len(items))] for _ in range(epochs)])
-  return order[:need].reshape(steps, batch_size).astype(np.int32)
-
-
-def augment(key: jax.Array, images: jax.Array, crop: int, random_crop: bool, mirror: bool) -> jax.Array:
-  """Random (or centre) crop and random mirror of a uint8 batch (B, S, S, 3), on the device."""
-  b, s = images.shape[0], images.shape[1]
-  k_y, k_x, k_f = jax.random.split(key, 3)
-  if random_crop:
-    oy = jax.random.randint(k_y, (b,), 0, s - crop + 1)
-    ox = jax.random.randint(k_x, (b,), 0, s - crop + 1)
-  else:
-    oy = ox = jnp.full((b,), (s - crop) // 2)
-  crops = jax.vmap(lambda im, y, x: lax.dynamic_slice(im, (y, x, 0), (crop, crop, im.shape[-1])))(images, oy, ox)
-  if mirror:
-    flip = jax.random.bernoulli(k_f, 0.5, (b,))
-    crops = jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
-  return crops
-
-
-def center_crop(images: jax.Array, crop: int) -> jax.Array:
-  s = images.shape[1]
-  o = (s - crop) // 2
-  return images[:, o:o + crop, o:o + crop]
-
-
-class Hyper(NamedTuple):
-  """Traced per-size values: the solver's step size and the number of steps to take."""
-
-  stepsize: jax.Array
-  max_iter: jax.Array
-
-
-Inputs = Callable[[jax.Array, Any, jax.Array], jax.Array]
-
-
-def make_train_step(model: Any, head: str, preprocess: Preprocess, optimizer: Any, cfg: StepConfig,
-                    inputs: Inputs | None = None) -> Callable[..., tuple[TrialState, jax.Array]]:
-  """`step(state, step, hyper, batch_idx[B], pool_images, pool_ages) -> (state, loss)`: one optimiser step
-  of ONE trial: gather its batch from the uint8 pool, crop/mirror, preprocess, forward, backward, update.
-
-  `inputs(key, pool_images, batch_idx) -> model input` replaces the gather/crop/mirror/preprocess (e.g. a
-  frozen prefix's cached features, agejax.engine.features); it gets the key the augmentation would get."""
-
-  def loss_fn(params, batch_stats, x, ages, dropout_key):
-    variables = _variables(params, batch_stats)
-    if batch_stats:
-      out, updated = model.apply(variables, x, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-      batch_stats = updated["batch_stats"]
-    else:
-      out = model.apply(variables, x, train=True, rngs={"dropout": dropout_key})
-    return age_loss(out.astype(jnp.float32), ages, head).mean(), batch_stats
-
-  def step_fn(state: TrialState, step, hyper, idx, pool_images, pool_ages):
-    k_aug, k_drop = jax.random.split(jax.random.fold_in(state.key, step))
-    if inputs is None:
-      x = preprocess(augment(k_aug, pool_images[idx], cfg.crop, cfg.random_crop, cfg.mirror))
-    else:
-      x = inputs(k_aug, pool_images, idx)
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, pool_ages[idx], k_drop)
-    params, opt_state = optimizer.update(grads, state.opt_state, state.params, step, hyper.stepsize)
-    return TrialState(params, batch_stats, opt_state, state.key), loss
-
-  return step_fn
 
 
 def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: Any, cfg: StepConfig,
@@ -165,15 +69,6 @@ def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: A
 
   return chunk
 
-
-def make_predict(model: Any, head: str, preprocess: Preprocess) -> Callable[[Any, Any, jax.Array], jax.Array]:
-  """`predict(params, batch_stats, uint8 crops) -> ages` for one trial."""
-
-  def predict(params, batch_stats, images):
-    out = model.apply(_variables(params, batch_stats), preprocess(images), train=False)
-    return predict_age(out.astype(jnp.float32), head)
-
-  return predict
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -431,67 +326,6 @@ def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, cro
   return np.concatenate(preds, axis=1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 'auto': measure the strategies on the real shapes, cache the winner.
-
-
-def _cache_path() -> str:
-  root = os.environ.get("AGEJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "agejax"))
-  return os.path.join(root, "auto_strategy.json")
-
-
-def auto_key(spec: Any, num_trials: int, chunk_steps: int, pool_shape: tuple[int, ...], step_cfg: StepConfig,
-             trial_chunk: int) -> str:
-  """Cache key of an 'auto' choice: backend, device, model, trial count and shapes."""
-  dev = jax.devices()[0]
-  blob = json.dumps([jax.default_backend(), dev.device_kind, len(jax.devices()), spec, num_trials, chunk_steps,
-                     list(pool_shape), dataclasses.asdict(step_cfg), trial_chunk],
-                    sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def default_candidates() -> tuple[str, ...]:
-  """What 'auto' measures by default: all three on accelerators; on a CPU only 'loop', nothing to measure.
-
-  On a CPU (docs/benchmarks.md): 'vmap' ran slowest in every measurement (grouped convolutions); 'map' and
-  'loop' train equally fast over the per-core CPU devices, but 'map' compiles a program per trial count
-  (per size) where 'loop' compiles one for the whole study, and timing a candidate costs a compile."""
-  return ("loop",) if jax.default_backend() == "cpu" else STRATEGIES
-
-
-def choose_strategy(key: str, measure: Callable[[str], float], candidates: Sequence[str] = STRATEGIES,
-                    log: logging.Logger | None = None) -> tuple[str, dict[str, float]]:
-  """The fastest strategy for `key` (seconds per chunk from `measure`), cached on disk."""
-  if len(candidates) == 1:
-    if log:
-      log.info("trials.parallel=auto: %r, the only candidate", candidates[0])
-    return candidates[0], {}
-  key = f"{key}/{'+'.join(candidates)}"
-  path = _cache_path()
-  cache = {}
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        cache = json.load(f)
-    except (OSError, json.JSONDecodeError):
-      cache = {}
-  if key in cache:
-    entry = cache[key]
-    if log:
-      log.info("trials.parallel=auto: cached choice %r (%s)", entry["choice"], entry["seconds"])
-    return entry["choice"], entry["seconds"]
-  seconds = {name: measure(name) for name in candidates}
-  choice = min(seconds, key=seconds.get)
-  cache[key] = {"choice": choice, "seconds": seconds}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(cache, f, indent=1)
-  os.replace(tmp, path)
-  if log:
-    log.info("trials.parallel=auto: measured %s -> %r", {k: round(v, 4) for k, v in seconds.items()}, choice)
-  return choice, seconds
-
 
 def time_chunk(runner: TrialRunner, make_states: Callable[[slice], list[TrialState]], orders: np.ndarray,
                hyper: Hyper, pool_images: jax.Array, pool_ages: jax.Array, steps: int = 2) -> float:
@@ -518,3 +352,4 @@ def time_chunk(runner: TrialRunner, make_states: Callable[[slice], list[TrialSta
   jax.block_until_ready(state)
   per_step = max(time.perf_counter() - t0 - overhead, 1e-9) / steps
   return (overhead + per_step * k) * num_trials / (sl.stop - sl.start)
+
