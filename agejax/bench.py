@@ -33,13 +33,15 @@ import ml_collections
 import numpy as np
 
 from agejax.configs import PAPER_SOLVERS, base_config, solver_sizes, tiny_vgg
+from agejax.engine import autotune
 from agejax.engine import features as features_lib
 from agejax.engine import memory as memory_lib
 from agejax.engine import trials as trials_lib
 from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer
-from agejax.experiments.learning_curve import make_initial_state
+from agejax.experiments.engines import trial_starter, with_engine_backbone
 from agejax.experiments.priors import Prior, resolve_prior
-from agejax.models import build_model, conv_tuning
+from agejax.models import build_model
+from agejax.models.registry import with_conv_plan
 from agejax.parallel import sharding as sharding_lib
 from agejax.parallel.distributed import maybe_initialize
 
@@ -126,14 +128,8 @@ def bench_prior(model: str, conv_impls: Sequence[str], s: argparse.Namespace) ->
   """A from-scratch prior per conv implementation; they share one set of initial weights."""
   base = resolve_prior({"name": "bench", "model": model_spec(model, conv_impls[0], s.quick)},
                        {"head": "dex", "preprocess": PREPROCESS}, s.res, 0)
-  priors = {}
-  for impl in conv_impls:
-    backbone = {**base.spec["backbone"], "conv_impl": impl}
-    if s.dtype != "float32":
-      backbone["dtype"] = s.dtype
-    spec = {**base.spec, "backbone": backbone}
-    priors[impl] = dataclasses.replace(base, spec=spec, model=build_model(spec))
-  return priors
+  dtype = "spec" if s.dtype == "float32" else s.dtype  # float32: the spec's own dtype
+  return {impl: with_engine_backbone(base, impl, dtype) for impl in conv_impls}
 
 
 def peak_device_bytes() -> int | None:
@@ -145,21 +141,28 @@ def peak_device_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def tuned_prior(prior: Prior, s: argparse.Namespace) -> tuple[Prior, dict[str, int] | None]:
+  """An 'auto' prior with its measured per-layer plan in its spec (as the engine does), and the counts per
+  choice; any other prior as it is, and None."""
+  if prior.spec["backbone"].get("conv_impl") != "auto":
+    return prior, None
+  plan = autotune.plan_model(prior.model, prior.variables, (s.batch, s.res, s.res, 3))
+  spec = with_conv_plan(prior.spec, plan)
+  return dataclasses.replace(prior, spec=spec, model=build_model(spec)), autotune.counts_of(plan)
+
+
 class Setup:
   """One conv implementation's prior, optimiser, step chunk and synthetic data, shared by the strategies."""
 
   def __init__(self, prior: Prior, s: argparse.Namespace):
     self.s = s
-    self.prior = prior
+    self.prior, self.conv_plan = tuned_prior(prior, s)
     optim_cfg = ml_collections.ConfigDict(dict(name="caffe_sgd", base_lr=1e-4, momentum=0.9, weight_decay=5e-4,
                                                gamma=0.1, rules=CAFFE_VGG_RULES))
     self.optimizer = make_optimizer(optim_cfg, self.prior.variables["params"])
     step_cfg = trials_lib.StepConfig(s.batch, s.res)
-    self.conv_plan = None
-    if prior.spec["backbone"].get("conv_impl") == "auto":  # per-layer choice, measured like the engine does
-      self.conv_plan = conv_tuning.tune_model(prior.model, prior.variables, (s.batch, s.res, s.res, 3))
-    self.initial_state = make_initial_state(self.prior, self.optimizer, s.res)
-    self.step = trials_lib.make_train_step(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
+    self.initial_state = trial_starter(self.prior, self.optimizer, s.res)
+    self.step = trials_lib.make_step(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
     self.chunk = trials_lib.make_train_chunk(self.prior.model, "dex", self.prior.preprocess, self.optimizer, step_cfg)
     self.predict = trials_lib.make_predict(self.prior.model, "dex", self.prior.preprocess)
     rng = np.random.default_rng(0)
@@ -222,13 +225,14 @@ class Setup:
     """Compile seconds, then first-call and steady seconds of one chunk of `steps` steps over all trials."""
     s = self.s
     # All devices on the trial axis when there are several (e.g. one CPU device per core), as the engine does.
-    runner = trials_lib.TrialRunner(self.chunk, self.predict, strategy, s.trial_chunk, mesh=sharding_lib.MeshConfig())
-    groups = runner.slices(s.trials)
-    states = [runner.group([self.state(t) for t in range(sl.start, sl.stop)]) for sl in groups]
+    runner = trials_lib.TrialRunner(self.chunk, self.predict, strategy, s.trial_chunk)
+    layout = runner.layout(sharding_lib.MeshConfig(), s.trials)
+    groups = layout.slices
+    states = [runner.group([self.state(t) for t in range(sl.start, sl.stop)], layout) for sl in groups]
     jax.block_until_ready(states)
 
     def idx(g: int, r: int) -> np.ndarray:
-      return runner.group_rows(self.orders, groups[g])[..., r * s.steps:(r + 1) * s.steps, :]
+      return self.orders[groups[g], r * s.steps:(r + 1) * s.steps]
 
     # Ahead-of-time compile of the runner's own jitted program (it fills the cache its calls use), so the
     # compile time is measured apart from execution. Groups of one size share one program.
@@ -560,7 +564,7 @@ class FrozenSetup(Setup):
     self.initial_state = frozen.initial_state(self.optimizer)
     ident = lambda x: x  # noqa: E731
     fn = frozen.cached_inputs if inputs == "cached" else frozen.recompute_inputs
-    self.step = trials_lib.make_train_step(frozen.tail, "dex", ident, self.optimizer, step_cfg, fn)
+    self.step = trials_lib.make_step(frozen.tail, "dex", ident, self.optimizer, step_cfg, fn)
     self.chunk = trials_lib.make_train_chunk(frozen.tail, "dex", ident, self.optimizer, step_cfg, fn)
     self.predict = trials_lib.make_predict(frozen.tail, "dex", ident)
     images, ages = synthetic_pool(s)
@@ -585,7 +589,7 @@ def run_freeze(s: argparse.Namespace) -> dict[str, Any]:
   step (both through the trial programs), vs a PyTorch loop doing the same partial fine-tuning."""
   impl = s.conv_impls[0]  # one convolution implementation for the prefix, the tail and the cache
   prior = bench_prior(s.model, [impl], s)[impl]
-  plan = conv_tuning.tune_model(prior.model, prior.variables, (s.batch, s.res, s.res, 3)) if impl == "auto" else None
+  prior, plan = tuned_prior(prior, s)
   frozen = features_lib.build_frozen(prior, s.freeze, {"crop": s.res, "mirror": True, "random_crop": True}, s.res,
                                      s.cached_crops, "--freeze")
   images, _ = synthetic_pool(s)

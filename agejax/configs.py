@@ -100,16 +100,46 @@ def scaled_sizes(sizes: list[int], steps_per_image: int = 5, smallest_trials: in
   return [(n, trials_for(n, smallest_trials), max(n, 1), steps_per_image * n) for n in sizes]
 
 
+def data_section(**fields: Any) -> ml_collections.ConfigDict:
+  """The `data` fields every study reads (agejax.experiments.study_data, the trials' augmentation) with their
+  defaults, `fields` laid over them. A pre-training stage's and a prior's own `data` are merged over it."""
+  return ml_collections.ConfigDict(dict(
+      name="synthetic",  # the source: one of study_data.SOURCES
+      root="",  # the dataset's folder (a CSV for 'generic'); unused by 'synthetic'
+      resize=256,  # images are decoded and resized to resize x resize
+      crop=224,  # the trials' (random or centre) crop of each resized image
+      mirror=True,  # random horizontal flips in training
+      random_crop=True,  # a random crop offset in training (False: the centre)
+      policy="skip",  # a bad input: 'skip' (dropped, named in data_report.json) or 'strict' (stop)
+      cache_dir="",  # the decoded-image cache ('': agejax.data.cache.default_cache_dir(); 'none': no cache)
+      test_size=0,  # test images (0: test_fraction of the records; the synthetic test set's size)
+      test_fraction=0.2,
+      dedupe=True,  # exact duplicates grouped before the split, so no copy of a test image is in the pool
+      rotation_angles=(),  # each pool image stored with these rotated versions too, drawn together (LAP)
+      pool_limit=0,  # a seeded random part of the pool of this many base images (0: all of it)
+      max_records=0,  # a seeded random part of the records before anything else (0: all)
+      select={},  # keep records whose fields take one of the listed values, e.g. {'race': (2,)}
+      reader_options={},  # keyword arguments of the dataset's reader (agejax.data.readers)
+      pool_size=400,  # 'synthetic': pool images
+      skew=0.0,  # 'synthetic': the age distribution's tilt (> 0 favours the young)
+      split_lists="",  # a folder of the authors' fixed pool/test lists ('': a seeded split)
+      split_column=False,  # records carrying their own train/test split (a CSV column) are split by it
+      use_dataset_split=False,  # the dataset's own train/valid split (always for 'lap'): pool from train
+      pool_fraction=0.8,  # ... the pool being this seeded fraction of the train split
+      # How each image is framed before the resize (agejax.data.images.adapt_crop; a prior's own `data` may set
+      # these, study_data.VIEW_FIELDS): the central crop_fraction of each side kept, then each side padded by
+      # pad_fraction of it ('edge' or 'reflect'), then resized by resize_mode (images.RESIZE_MODES).
+      resize_mode="squash", pad_fraction=0.0, pad_mode="edge", crop_fraction=1.0,
+  ) | fields)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every learning-curve config has (the learning-curve defaults of docs/protocol.md)."""
   c = ml_collections.ConfigDict()
   c.study = "learning_curve"
   c.title = "Few-shot learning curve"
   c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(
-      name="synthetic", root="", resize=256, crop=224, mirror=True, random_crop=True, policy="skip",
-      cache_dir="", test_size=0, test_fraction=0.2, dedupe=True, rotation_angles=(), pool_limit=0,
-      max_records=0, reader_options={}))
+  c.data = data_section()
   c.model = ml_collections.ConfigDict(dict(
       head="dex", preprocess=dict(channel_order="BGR", scale=255.0, mean=(104.0, 117.0, 123.0),
                                   std=(1.0, 1.0, 1.0), resize=256, crop=224)))
@@ -120,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 10
   c.optim = ml_collections.ConfigDict(dict(
       name="caffe_sgd", base_lr=1e-4, momentum=0.9, weight_decay=5e-4, gamma=0.1, rules=CAFFE_VGG_RULES))
-  # conv_impl: 'auto' (per-layer choice by measurement, agejax.models.conv_tuning), 'lax', 'canonical',
+  # conv_impl: 'auto' (per-layer choice by measurement, agejax.engine.autotune), 'lax', 'canonical',
   # 'patches', or 'spec' (whatever the prior's model spec says). compute_dtype: 'float32' or 'bfloat16'
   # (bf16 compute, float32 master weights). memory_budget_gb: 0 = the device's memory; trials that do not
   # fit it together are trained in chunks (agejax.engine.memory).
@@ -137,9 +167,10 @@ def base_config() -> ml_collections.ConfigDict:
   # x 'data' (splits each trial's batch); cpu_devices: CPU devices the process makes (0 = one per core, up to
   # 8; agejax.parallel.distributed), so that trial blocks train concurrently on a CPU.
   # Checkpoints inside a size (agejax.engine.checkpoint, workdir/ckpt/): every `every_chunks` chunks and at
-  # group ends, the last `keep` kept.
+  # group ends, the last `keep` kept; a single-model fit (pre-training stages) every `every_steps` steps.
   c.mesh = ml_collections.ConfigDict(dict(trial=0, data=1, cpu_devices=0))
-  c.checkpoint = ml_collections.ConfigDict(dict(enabled=True, every_chunks=10, keep=2, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(enabled=True, every_chunks=10, every_steps=500, keep=2,
+                                                  async_save=True))
   c.eval_batch_size = 64
   c.eval_size_zero = True
   c.save_trials = "best_median"
@@ -147,6 +178,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_trial_losses = True
   c.diagnostics = True  # WORKDIR/diagnostics: split and resampled-source histograms, duplicates
   c.overwrite = False  # a workdir holding another config's results: replace them (agejax.reports.workdir)
+  # The trial states save_trials keeps stay in host memory up to this many MB, beyond it staged on disk.
+  c.keep_states_mb = 2048
   return c
 
 
@@ -182,10 +215,9 @@ def transfer_config() -> ml_collections.ConfigDict:
   c.study = "transfer"
   c.title = "Transfer learning: frozen vs full fine-tuning"
   c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(
-      name="synthetic", root="", resize=256, crop=256, mirror=True, random_crop=False, policy="skip", cache_dir="",
-      test_size=0, test_fraction=0.2, val_size=0, val_fraction=0.25, train_size=0, dedupe=True, rotation_angles=(),
-      pool_limit=0, max_records=0, select={}, reader_options={}))
+  # The pool's split into training and validation images (agejax.experiments.transfer.load_splits): val_size base
+  # images held out (0: val_fraction of the pool), train_size of the rest trained on (0: all of them).
+  c.data = data_section(crop=256, random_crop=False, val_size=0, val_fraction=0.25, train_size=0)
   c.backbones = []
   c.modes = ("frozen", "full")
   c.model = ml_collections.ConfigDict(dict(
@@ -202,6 +234,7 @@ def transfer_config() -> ml_collections.ConfigDict:
   c.progress = True
   c.diagnostics = True
   c.diagnostics_options = ml_collections.ConfigDict(dict(gross=40.0, band=(15.0, 20.0), near=True))
+  c.mesh = ml_collections.ConfigDict(dict(cpu_devices=0))  # CPU devices the process makes (as base_config's)
   return c
 
 
@@ -213,7 +246,8 @@ IMDB_ALL_READER = dict(face_score_min=None, require_single_face=False, require_g
 def source_data(name: str, root: str, **fields: Any) -> dict[str, Any]:
   """A pre-training source's `data` section; fields a target's config.data may hold are reset to neutral values."""
   return dict(name=name, root=root, rotation_angles=(), use_dataset_split=False, select={}, pool_limit=0,
-              max_records=0, test_size=0, test_fraction=0.1, reader_options={}) | fields
+              max_records=0, test_size=0, test_fraction=0.1, reader_options={}, split_lists="",
+              split_column=False) | fields
 
 
 IMPOSE_TARGETS = ("pool", "test")  # whose age histogram a 'matched' stage imposes (distribution.target)

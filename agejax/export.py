@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agejax.cli import run_command
 from agejax.errors import AgejaxError, CheckpointError
 
 OPSET = 21
@@ -121,17 +122,16 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
   p.add_argument("out", help="the file to write (e.g. age.onnx)")
   args = p.parse_args(argv)
-  if os.path.exists(args.out) and not args.force:
-    print(f"error: {args.out} exists (use --force to overwrite)", file=sys.stderr)
-    return 1
-  try:
-    info = export_onnx(args.checkpoint, args.out, args.opset)
-  except AgejaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {args.out} ({info['bytes'] / 1e6:.1f} MB): input {INPUT_NAME} uint8 (B, {info['crop']}, "
-        f"{info['crop']}, 3) RGB, outputs {', '.join(info['outputs'])}")
-  return 0
+  return run_command(lambda: _export(args.checkpoint, args.out, args.opset, args.force))
+
+
+def _export(checkpoint: str, out: str, opset: int, force: bool) -> str:
+  """Exports and describes what was written; an existing `out` without `force` is an error."""
+  if os.path.exists(out) and not force:
+    raise AgejaxError(f"{out} exists (use --force to overwrite)")
+  info = export_onnx(checkpoint, out, opset)
+  return (f"wrote {out} ({info['bytes'] / 1e6:.1f} MB): input {INPUT_NAME} uint8 (B, {info['crop']}, "
+          f"{info['crop']}, 3) RGB, outputs {', '.join(info['outputs'])}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def run_config(config, workdir: str):
   """Runs the study a config names; importable from tests and notebooks."""
   import importlib
 
-  study = config.get("study", "learning_curve")
+  study = config.study
   if study not in STUDIES:
     raise AgejaxError(f"unknown config.study {study!r}; known: {', '.join(sorted(STUDIES))}")
   return importlib.import_module(STUDIES[study]).run(config, workdir)
@@ -46,8 +46,9 @@ def enable_compilation_cache() -> None:
   Programs that compiled faster than `$AGEJAX_CACHE_MIN_COMPILE_S` seconds (default 1) are not kept."""
   import jax
 
-  root = os.environ.get("AGEJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "agejax"))
-  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla"))
+  from agejax.cachedir import cache_path
+
+  jax.config.update("jax_compilation_cache_dir", cache_path("xla"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs",
                     float(os.environ.get("AGEJAX_CACHE_MIN_COMPILE_S", "1.0")))
 
@@ -57,7 +58,7 @@ def initialize(config) -> None:
   then the compilation cache."""
   from agejax.parallel.distributed import maybe_initialize
 
-  maybe_initialize(int((config.get("mesh") or {}).get("cpu_devices", 0)))
+  maybe_initialize(int(config.mesh.cpu_devices))
   enable_compilation_cache()
 
 

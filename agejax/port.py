@@ -20,6 +20,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from agejax.cli import run_command
 from agejax.errors import AgejaxError
 from agejax.models.pretrained import save_pretrained
 
@@ -98,14 +99,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("out", help="prior directory to write (must not exist unless --force)")
   args = p.parse_args(argv)
   keep = tuple(h.strip() for h in args.keep_heads.split(",") if h.strip())
-  try:
+
+  def action() -> str:
     spec = port(args.format, args.src, args.out, args.arch, keep_heads=keep, force=args.force)
-  except (AgejaxError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote prior {args.out}: arch={spec['arch']} head={spec.get('head')} "
-        f"classes={spec.get('num_classes')}")
-  return 0
+    return f"wrote prior {args.out}: arch={spec['arch']} head={spec.get('head')} classes={spec.get('num_classes')}"
+
+  return run_command(action, errors=(AgejaxError, FileNotFoundError))
 
 
 if __name__ == "__main__":

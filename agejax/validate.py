@@ -20,15 +20,18 @@ STUDIES = {
 
 
 def validate_config(config: Any) -> None:
-  """Raises ConfigError (one line, naming the field) for the first invalid field of a study config."""
-  study = config.get("study", "learning_curve")
+  """Raises ConfigError (one line, naming the field) for the first invalid field of a study config.
+
+  Every field checked must be set: the config files start from agejax.configs.base_config or transfer_config,
+  which declare every field with its default."""
+  study = _field(config, "study", "config")
   _choice(study, tuple(STUDIES), "config.study")
-  _int(config.get("seed", 0), "config.seed")
-  _data(config.get("data") or {}, "config.data")
-  _model_head(config.get("model") or {}, "config.model")
-  _optim(config.get("optim") or {}, "config.optim")
-  _int(config.get("batch_size", 1), "config.batch_size", low=1)
-  _int(config.get("eval_batch_size", 1), "config.eval_batch_size", low=1)
+  _int(_field(config, "seed", "config"), "config.seed")
+  _data(_field(config, "data", "config"), "config.data")
+  _model_head(_field(config, "model", "config"), "config.model")
+  _optim(_field(config, "optim", "config"), "config.optim")
+  _int(_field(config, "batch_size", "config"), "config.batch_size", low=1)
+  _int(_field(config, "eval_batch_size", "config"), "config.eval_batch_size", low=1)
   if study == "transfer":
     _transfer(config)
   else:
@@ -36,6 +39,14 @@ def validate_config(config: Any) -> None:
 
 
 # -- values ------------------------------------------------------------------------------------------------
+def _field(section: Any, key: str, where: str) -> Any:
+  """`section[key]`; a ConfigError naming `where.key` when the section does not declare it."""
+  if key not in section:
+    raise ConfigError(f"{where}.{key} is not set (a config starts from agejax.configs.base_config or "
+                      "transfer_config, which declare every field)")
+  return section[key]
+
+
 def _choice(value: Any, allowed: Sequence[str], field: str) -> None:
   if value not in allowed:
     raise ConfigError(f"{field}={value!r} is not one of {', '.join(map(repr, allowed))}")
@@ -55,6 +66,11 @@ def _real(value: Any, field: str, low: float = 0.0, positive: bool = False) -> f
   if value < low or (positive and value <= low):
     raise ConfigError(f"{field}={value} must be {'above' if positive else 'at least'} {low:g}")
   return float(value)
+
+
+def _fraction(value: Any, field: str) -> None:
+  if _real(value, field) >= 1:
+    raise ConfigError(f"{field}={value:g} must be below 1")
 
 
 def _existing(path: Any, field: str, what: str = "path") -> None:
@@ -83,26 +99,26 @@ def _data(data: Mapping[str, Any], field: str) -> None:
   from agejax.experiments.study_data import SOURCES
 
   data = _mapping(data, field)
-  _choice(data.get("name"), SOURCES, f"{field}.name")
-  _choice(data.get("policy", "skip"), get_args(Policy), f"{field}.policy")
-  if "resize_mode" in data:
-    _choice(data["resize_mode"], RESIZE_MODES, f"{field}.resize_mode")
-  if "resize" in data:
-    resize = _int(data["resize"], f"{field}.resize", low=1)
-    if "crop" in data and _int(data["crop"], f"{field}.crop", low=1) > resize:
-      raise ConfigError(f"{field}.crop={data['crop']} is larger than {field}.resize={resize}")
-  for key in ("test_size", "pool_limit", "max_records", "val_size", "train_size"):
+  name = _field(data, "name", field)
+  _choice(name, SOURCES, f"{field}.name")
+  _choice(_field(data, "policy", field), get_args(Policy), f"{field}.policy")
+  _choice(_field(data, "resize_mode", field), RESIZE_MODES, f"{field}.resize_mode")
+  resize = _int(_field(data, "resize", field), f"{field}.resize", low=1)
+  if _int(_field(data, "crop", field), f"{field}.crop", low=1) > resize:
+    raise ConfigError(f"{field}.crop={data['crop']} is larger than {field}.resize={resize}")
+  for key in ("test_size", "pool_limit", "max_records"):
+    _int(_field(data, key, field), f"{field}.{key}")
+  for key in ("test_fraction", "pool_fraction"):
+    _fraction(_field(data, key, field), f"{field}.{key}")
+  if "val_fraction" in data:  # the transfer study's pool split (transfer_config)
+    _fraction(data["val_fraction"], f"{field}.val_fraction")
+  for key in ("val_size", "train_size"):
     if key in data:
       _int(data[key], f"{field}.{key}")
-  for key in ("test_fraction", "val_fraction", "pool_fraction"):
-    if key in data:
-      frac = _real(data[key], f"{field}.{key}")
-      if frac >= 1:
-        raise ConfigError(f"{field}.{key}={frac:g} must be below 1")
-  if data.get("name") != "synthetic":
-    root = data.get("root")
+  if name != "synthetic":
+    root = _field(data, "root", field)
     if not root:
-      raise ConfigError(f"{field}.root is not set: point it at the {data.get('name')} dataset folder "
+      raise ConfigError(f"{field}.root is not set: point it at the {name} dataset folder "
                         f"(--{field}.root=/path/to/dataset)")
     _existing(root, f"{field}.root")
 
@@ -110,8 +126,7 @@ def _data(data: Mapping[str, Any], field: str) -> None:
 def _model_head(model: Mapping[str, Any], field: str) -> None:
   from agejax.models.heads import HeadKind
 
-  if "head" in _mapping(model, field):
-    _choice(model["head"], get_args(HeadKind), f"{field}.head")
+  _choice(_field(_mapping(model, field), "head", field), get_args(HeadKind), f"{field}.head")
 
 
 def _model_spec(spec: Any, field: str) -> None:
@@ -181,19 +196,20 @@ def _passes(check: Callable[[], Any]) -> None:
 
 def _trials(trials: Mapping[str, Any], field: str = "config.trials") -> None:
   from agejax.engine.trials import STRATEGIES
-  from agejax.experiments.learning_curve import with_engine_backbone
+  from agejax.experiments.engines import with_engine_backbone
 
   trials = _mapping(trials, field)
-  _choice(trials.get("parallel", "auto"), ("auto", *STRATEGIES), f"{field}.parallel")
-  for i, name in enumerate(_rows(trials.get("auto_candidates", ()), f"{field}.auto_candidates")):
+  get = lambda key: _field(trials, key, field)  # noqa: E731
+  _choice(get("parallel"), ("auto", *STRATEGIES), f"{field}.parallel")
+  for i, name in enumerate(_rows(get("auto_candidates"), f"{field}.auto_candidates")):
     _choice(name, STRATEGIES, f"{field}.auto_candidates[{i}]")
   # conv_impl and compute_dtype: the engine's own check (it raises ConfigError naming the field).
-  _passes(lambda: with_engine_backbone(_CheckedPrior(), trials.get("conv_impl", "spec"),
-                                       trials.get("compute_dtype", "spec")))
-  _int(trials.get("chunk_steps", 1), f"{field}.chunk_steps", low=1)
-  _int(trials.get("trial_chunk", 0), f"{field}.trial_chunk")
-  _real(trials.get("memory_budget_gb", 0.0), f"{field}.memory_budget_gb")
-  if trials.get("conv_plan"):
+  conv_impl, compute_dtype = get("conv_impl"), get("compute_dtype")
+  _passes(lambda: with_engine_backbone(_CheckedPrior(), conv_impl, compute_dtype))
+  _int(get("chunk_steps"), f"{field}.chunk_steps", low=1)
+  _int(get("trial_chunk"), f"{field}.trial_chunk")
+  _real(get("memory_budget_gb"), f"{field}.memory_budget_gb")
+  if get("conv_plan"):
     _existing(trials["conv_plan"], f"{field}.conv_plan", "conv_plan.json file")
 
 
@@ -253,22 +269,23 @@ def _priors(priors: Any, data: Mapping[str, Any], field: str = "config.priors",
 
 
 def _learning_curve(config: Any) -> None:
-  _sizes(config.get("sizes"), size_zero=bool(config.get("eval_size_zero", True)))
-  _real(config.get("steps_scale", 1.0), "config.steps_scale", positive=True)
-  _int(config.get("min_steps", 1), "config.min_steps")
-  _trials(config.get("trials") or {})
-  mesh = _mapping(config.get("mesh") or {}, "config.mesh")
-  _int(mesh.get("trial", 0), "config.mesh.trial")
-  _int(mesh.get("data", 1), "config.mesh.data", low=1)
-  _int(mesh.get("cpu_devices", 0), "config.mesh.cpu_devices")
-  ckpt = _mapping(config.get("checkpoint") or {}, "config.checkpoint")
-  _int(ckpt.get("every_chunks", 1), "config.checkpoint.every_chunks", low=1)
-  _int(ckpt.get("keep", 1), "config.checkpoint.keep", low=1)
-  _priors(config.get("priors", []), config.get("data") or {}, optim=config.get("optim") or {})
+  get = lambda key: _field(config, key, "config")  # noqa: E731
+  _sizes(get("sizes"), size_zero=bool(get("eval_size_zero")))
+  _real(get("steps_scale"), "config.steps_scale", positive=True)
+  _int(get("min_steps"), "config.min_steps")
+  _real(get("keep_states_mb"), "config.keep_states_mb")
+  _trials(get("trials"))
+  mesh = _mapping(get("mesh"), "config.mesh")
+  for key, low in (("trial", 0), ("data", 1), ("cpu_devices", 0)):
+    _int(_field(mesh, key, "config.mesh"), f"config.mesh.{key}", low=low)
+  ckpt = _mapping(get("checkpoint"), "config.checkpoint")
+  for key in ("every_chunks", "keep"):
+    _int(_field(ckpt, key, "config.checkpoint"), f"config.checkpoint.{key}", low=1)
+  _priors(get("priors"), get("data"), optim=get("optim"))
 
 
 def _transfer(config: Any) -> None:
   from agejax.experiments.transfer import _check_backbones
 
   _check_backbones(config)  # the study's own check: backbone entries and modes
-  _int(config.get("epochs", 1), "config.epochs", low=1)
+  _int(_field(config, "epochs", "config"), "config.epochs", low=1)

@@ -78,7 +78,9 @@ UNTOUCHED_PADS = (0.0, 0.2, 0.4)  # the crop conventions `:untouched` compares (
 # The settings docs/real_priors.md measured as best per prior, head only on cached backbone features (probes on
 # a 400-image pool, 300 test images, 16/8/4/2 trials at 3/12/48/192 images). WRN: Adam at a constant 1e-4 (8.71 ->
 # 7.89 at 48 images, 6.84 at 192; the paper's SGD 1e-4 gave 8.56 at 192: its 13M-weight head barely moves).
-# dlib: every head-only setting tried left it at or above its untouched MAE; SGD at 1e-5 moves it least.
+# dlib: every head-only setting tried left it at or above its untouched MAE; SGD at 1e-5 moves it least (training
+# only the head's bias, or an output calibration of the expected age, gained at most 0.01 years at 48 images:
+# docs/real_priors.md, "dlib: why no fine-tuning setting beats the untouched net").
 TUNED = {
     "wrn": dict(freeze="backbone", optim=dict(name="adam", base_lr=1e-4, gamma=1.0, weight_decay=0.0,
                                               rules=((".*", 1.0, 1.0),))),
@@ -97,9 +99,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.update(name="utkface", root=os.path.join(SHARED_DATA, "UTKFace"), resize=res, crop=res,
                 random_crop=False, test_size=300 if a.runlocal else 2000, dedupe=True,
                 pool_limit=600 if a.runlocal else PAPER_POOLS["lap"])
-  for field, default in (("pad_fraction", 0.0), ("pad_mode", "edge"), ("crop_fraction", 1.0)):
-    if field not in c.data:  # agejax.data.images.adapt_crop
-      c.data[field] = default
   c.sizes = lap_protocol_sizes(a.max_size or (49 if a.runlocal else 0))
   c.priors = real_face_priors(a, full=not a.runlocal)
   if a.untouched:  # size 0 only: each real prior untouched under several crop conventions

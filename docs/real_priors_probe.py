@@ -2,19 +2,23 @@
 real age prior on its cached backbone features, for several optimisers, trials vmapped and steps scanned.
 
   python docs/real_priors_probe.py --prior priors/wrn --pad 0.4 --settings sgd:1e-4 sgd:1e-3 adam:1e-5 adam:1e-4
-  python docs/real_priors_probe.py --prior priors/dlib --settings sgd:1e-4 sgd:1e-5 adam:1e-4 adam:1e-5:l1
+  python docs/real_priors_probe.py --prior priors/dlib --bands --settings sgd:1e-5 adam:1e-3:dex:bias adam:1e-4::calib
 
-A setting is OPT:LR[:LOSS]: `sgd` is the paper's solver (momentum 0.9, weight decay 5e-4, lr x0.1 every n steps),
-`adam` a constant-lr Adam; LOSS is the head's own (default), `l1` (L1 on the expected age) or another softmax
-loss of agejax.models.heads (`dldl_v2`, ...). The split is configs/utkface.py's (a seeded pool of --pool images,
---test test images); trial t of size n draws its n images and its batches from the seed (t, n), mirrored at
-random; 5 n steps (at least 20) of 10 images. Prints the test MAE (mean +- SD over trials) per size.
+A setting is OPT:LR[:LOSS[:PART]]: `sgd` is the paper's solver (momentum 0.9, weight decay 5e-4, lr x0.1 every n
+steps), `adam` a constant-lr Adam; LOSS is the head's own (default), `l1` (L1 on the expected age) or another
+softmax loss of agejax.models.heads (`dldl_v2`, ...); PART is what trains: `head` (default, the whole head),
+`bias` (the head's bias only) or `calib` (an output calibration a (E - 33) + 33 + b of the expected age E, starting
+at a = 1, b = 0, trained by L1 with the head fixed). The split is configs/utkface.py's (a seeded pool of --pool
+images, --test test images); trial t of size n draws its n images and its batches from the seed (t, n), mirrored at
+random; 5 n steps (at least 20) of 10 images. Prints the test MAE (mean +- SD over trials) per size; `--bands` first
+prints the untouched net's test MAE and mean signed error per age band.
 """
 
 import argparse
 import os
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +32,9 @@ from agejax.models.heads import age_head  # noqa: E402
 from agejax.models.pretrained import read_prior_metadata  # noqa: E402
 from configs import utkface  # noqa: E402
 
-SIZES = ((3, 16), (12, 8), (48, 4), (192, 2))  # (images, trials)
+SIZES = (3, 12, 48, 192)  # images per trial
+BANDS = (0, 3, 13, 20, 30, 40, 50, 60, 70, 80, 200)  # age band edges of --bands
+CENTRE = 33.0  # the calibration's fixed point, about UTKFace's mean age (a changes the spread around it)
 
 
 def backbone_features(prior_dir: str, images: np.ndarray, batch: int = 50) -> np.ndarray:
@@ -46,6 +52,31 @@ def solver(kind: str, lr: float, n: int) -> optax.GradientTransformation:
   raise SystemExit(f"unknown optimiser {kind!r}: sgd or adam")
 
 
+def print_bands(pred: np.ndarray, ages: np.ndarray) -> None:
+  """The test MAE and mean signed error (prediction - age) overall and per age band."""
+  err = pred - ages
+  print(f"untouched: MAE {np.abs(err).mean():.2f}, mean signed error {err.mean():+.2f} on {len(ages)} test images")
+  for lo, hi in zip(BANDS, BANDS[1:]):
+    band = (ages >= lo) & (ages < hi)
+    if band.any():
+      print(f"  ages {lo}-{hi - 1}: {band.sum()} images, MAE {np.abs(err[band]).mean():.2f}, "
+            f"signed {err[band].mean():+.2f}, {np.abs(err[band]).sum() / np.abs(err).sum():.0%} of the total error")
+
+
+def trained_part(part: str, start: dict) -> tuple[dict, dict]:
+  """(initial parameters {'head', 'calib'}, a 0/1 gradient mask over them) for a setting's PART."""
+  params = {"head": start, "calib": jnp.array([1.0, 0.0])}
+  on = lambda tree, value: jax.tree.map(lambda x: jnp.full_like(x, value), tree)  # noqa: E731
+  if part in ("", "head"):
+    return params, {"head": on(start, 1.0), "calib": on(params["calib"], 0.0)}
+  if part == "bias":
+    head = flax.traverse_util.path_aware_map(lambda path, x: jnp.full_like(x, path[-1] == "bias"), start)
+    return params, {"head": head, "calib": on(params["calib"], 0.0)}
+  if part == "calib":
+    return params, {"head": on(start, 0.0), "calib": on(params["calib"], 1.0)}
+  raise SystemExit(f"unknown part {part!r}: head, bias or calib")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--prior", required=True)
@@ -53,6 +84,8 @@ def main() -> None:
   ap.add_argument("--pool", type=int, default=400)
   ap.add_argument("--test", type=int, default=300)
   ap.add_argument("--settings", nargs="+", required=True)
+  ap.add_argument("--trials", type=int, nargs=4, default=(16, 8, 4, 2), help="trials at 3, 12, 48, 192 images")
+  ap.add_argument("--bands", action="store_true", help="first the untouched net's test errors per age band")
   args = ap.parse_args()
   cfg = utkface.get_config("runlocal")
   cfg.data.update(pool_limit=args.pool, test_size=args.test, pad_fraction=args.pad, pad_mode="reflect")
@@ -65,16 +98,21 @@ def main() -> None:
   spec = read_prior_metadata(args.prior)["model"]
   head, start = age_head(spec), variables["params"]["head"]
   outputs = lambda p, x: model.head.apply({"params": p}, x)  # noqa: E731
-  test_mae = lambda p: jnp.abs(head.decode(outputs(p, test)) - test_ages).mean()  # noqa: E731
-  print(f"untouched {float(test_mae(start)):.2f}", flush=True)
+  calibrated = lambda p, x: p["calib"][0] * (head.decode(outputs(p["head"], x)) - CENTRE) + CENTRE + p["calib"][1]  # noqa: E731
+  test_mae = lambda p: jnp.abs(calibrated(p, test) - test_ages).mean()  # noqa: E731
+  if args.bands:
+    print_bands(np.asarray(head.decode(outputs(start, test))), data.test_ages)
+  print(f"untouched {float(test_mae(trained_part('', start)[0])):.2f}", flush=True)
   for setting in args.settings:
-    kind, lr, loss = (setting.split(":") + [""])[:3]
-    if loss == "l1":
-      loss_fn = lambda out, y: jnp.abs(head.decode(out) - y)  # noqa: E731
+    kind, lr, loss, part = (setting.split(":") + ["", ""])[:4]
+    if loss == "l1" or part == "calib":
+      loss_fn = lambda p, x, y: jnp.abs(calibrated(p, x) - y)  # noqa: E731
     else:
-      loss_fn = age_head({**spec, "head": loss} if loss else spec).loss
+      head_loss = age_head({**spec, "head": loss} if loss else spec).loss
+      loss_fn = lambda p, x, y, head_loss=head_loss: head_loss(outputs(p["head"], x), y)  # noqa: E731
+    params0, mask = trained_part(part, start)
     cells = []
-    for n, trials in SIZES:
+    for n, trials in zip(SIZES, args.trials):
       steps, tx = max(20, 5 * n), solver(kind, float(lr), n)
       idx, flip = np.zeros((trials, steps, 10), np.int32), np.zeros((trials, steps, 10), bool)
       for t in range(trials):
@@ -82,22 +120,23 @@ def main() -> None:
         subset = rng.choice(len(data.pool_ages), n, replace=False)
         idx[t], flip[t] = rng.choice(subset, (steps, 10)), rng.random((steps, 10)) < 0.5
 
-      def trial(idx, flip, tx=tx, loss_fn=loss_fn):
+      def trial(idx, flip, tx=tx, loss_fn=loss_fn, params0=params0, mask=mask):
         def step(carry, batch):
           params, state = carry
           i, m = batch
           x = jnp.where(m[:, None], mirrored[i], pool[i])
-          grads = jax.grad(lambda p: loss_fn(outputs(p, x), pool_ages[i]).mean())(params)
+          grads = jax.grad(lambda p: loss_fn(p, x, pool_ages[i]).mean())(params)
+          grads = jax.tree.map(jnp.multiply, grads, mask)  # the parts PART does not train stay as they are
           updates, state = tx.update(grads, state, params)
+          updates = jax.tree.map(jnp.multiply, updates, mask)  # (nor does the SGD weight decay move them)
           return (optax.apply_updates(params, updates), state), None
 
-        (params, _), _ = jax.lax.scan(step, (start, tx.init(start)), (idx, flip))
+        (params, _), _ = jax.lax.scan(step, (params0, tx.init(params0)), (idx, flip))
         return test_mae(params)
 
       maes = np.asarray(jax.jit(jax.vmap(trial))(jnp.asarray(idx), jnp.asarray(flip)))
-      cells.append(f"{n}: {maes.mean():.2f} +- {maes.std():.2f}")
+      cells.append(f"{n}: {maes.mean():.3f} +- {maes.std():.3f}")
     print(setting, " | ".join(cells), flush=True)
-
 
 if __name__ == "__main__":
   main()

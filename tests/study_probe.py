@@ -18,27 +18,31 @@ from agejax import main as cli  # defines --config and --workdir
 def main(argv: list[str]) -> None:
   del argv
   cli.initialize(cli._CONFIG.value)
-  from agejax.experiments.learning_curve import Study, size_schedule
+  from agejax.experiments import learning_curve, plan
   from agejax.experiments.study_data import load_study_data
+  from agejax.parallel.sharding import MeshConfig
 
   cfg = cli._CONFIG.value
-  study = Study(cfg, cli._WORKDIR.value)
-  study.run()
+  engines = {}
+  learning_curve.run(cfg, cli._WORKDIR.value, engines=engines)
   out = {"devices": jax.device_count(), "processes": jax.process_count(), "traces": {}, "groups": {}}
   data = load_study_data(cfg.data, cfg.seed)
-  for engine in study._engines.values():
-    for runner in engine._runners.values():
+  sizes = plan.size_schedule(cfg.sizes, data.num_bases, cfg.steps_scale, cfg.min_steps)
+  chunk_steps = plan.study_chunk_steps(sizes, cfg.trials.chunk_steps)
+  for engine in engines.values():
+    for runner in engine.runners.values():
       out["traces"].update({f"{s},{g}": c for (s, g), c in runner.trace_counts.items()})
     runner = engine.runner(cfg.trials.parallel)
-    for size in size_schedule(cfg, data.num_bases):
-      first = runner.slices(size["trials"])[0]
-      group = runner.group([engine.initial_state(s) for s in range(first.start, first.stop)])
+    for size in sizes:
+      layout = runner.layout(MeshConfig.from_config(cfg), size.trials)
+      first = layout.slices[0]
+      group = runner.group([engine.initial_state(s) for s in range(first.start, first.stop)], layout)
       leaf = jax.tree.leaves(group.params)[0]
-      out["groups"][str(size["trials"])] = {"shape": list(leaf.shape), "sharding": type(leaf.sharding).__name__,
+      out["groups"][str(size.trials)] = {"shape": list(leaf.shape), "sharding": type(leaf.sharding).__name__,
                                             "spec": str(getattr(leaf.sharding, "spec", "")),
                                             "devices": len(leaf.sharding.device_set),
                                             "shard_rows": sorted({s.data.shape[0] for s in leaf.addressable_shards})}
-      out["data_allreduce"] = data_allreduce(runner, group, data, cfg, study.chunk_steps)
+      out["data_allreduce"] = data_allreduce(runner, group, data, cfg, chunk_steps)
   if jax.process_index() == 0:
     print("PROBE " + json.dumps(out), flush=True)
 

@@ -59,8 +59,10 @@ def bad_folder(tmp_path_factory) -> tuple[str, list[str], str]:
 
 
 def _utk_cfg(root: str, **fields) -> dict:
-  return {"name": "utkface", "root": root, "resize": 16, "crop": 16, "policy": "skip", "cache_dir": "none",
-          "test_size": 10, "dedupe": True, **fields}
+  from agejax.configs import data_section
+
+  return data_section(**{"name": "utkface", "root": root, "resize": 16, "crop": 16, "policy": "skip",
+                         "cache_dir": "none", "test_size": 10, "dedupe": True, **fields}).to_dict()
 
 
 # -- item 2: every rejected input named, before the split -------------------------------------------------

@@ -80,10 +80,11 @@ def test_config_keeps_the_utkface_study(tmp_path):
 
 
 def _load(labels: str, **fields):
+  from agejax.configs import data_section
   from agejax.experiments.study_data import load_study_data
 
-  cfg = dict(name="generic", root=labels, resize=8, cache_dir="none", policy="skip", test_size=8, dedupe=True,
-             split_column=True, reader_options=dict(strict_ages=True)) | fields
+  cfg = data_section(**dict(name="generic", root=labels, resize=8, cache_dir="none", policy="skip", test_size=8,
+                            dedupe=True, split_column=True, reader_options=dict(strict_ages=True)) | fields)
   return load_study_data(cfg, seed=0)
 
 

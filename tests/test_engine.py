@@ -4,13 +4,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from agejax.configs import tiny_vgg
 from agejax.data.synthetic import synthetic_dataset
 from agejax.engine import trials as T
-from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer, multipliers
-from agejax.experiments.learning_curve import make_initial_state
+from agejax.engine.optim import CAFFE_VGG_RULES, make_optimizer, multipliers, with_step
+from agejax.experiments.engines import trial_starter
 from agejax.experiments.priors import resolve_prior
 
 RES = 32
@@ -41,13 +42,14 @@ def test_caffe_sgd_matches_hand_computation():
   opt = make_optimizer(cfg, params)
   grads = jax.tree.map(jnp.ones_like, params)
   state = opt.init(params)
-  p1, state = opt.update(grads, state, params, jnp.int32(0), jnp.int32(1))
+  updates, state = opt.update(grads, with_step(state, 0, 1), params)
+  p1 = optax.apply_updates(params, updates)
   # fc6 kernel: v = 0.1*10*(1 + 0.01*1*3) = 1.03
   np.testing.assert_allclose(p1["backbone"]["fc6"]["kernel"], 3.0 - 1.03, rtol=1e-6)
   # conv bias: no decay, lr x2
   np.testing.assert_allclose(p1["backbone"]["conv1_1"]["bias"], 1.0 - 0.2, rtol=1e-6)
   # step 1 with stepsize 1: lr = 0.1 * 0.1; momentum carries 0.9 * v
-  p2, _ = opt.update(grads, state, p1, jnp.int32(1), jnp.int32(1))
+  p2 = optax.apply_updates(p1, opt.update(grads, with_step(state, 1, 1), p1)[0])
   v = 0.9 * 1.03 + 0.01 * 10 * (1 + 0.01 * (3.0 - 1.03))
   np.testing.assert_allclose(p2["backbone"]["fc6"]["kernel"], 3.0 - 1.03 - v, rtol=1e-5)
 
@@ -68,13 +70,14 @@ def setup():
 def _run(setup, strategy, seeds, steps=6, max_iter=5):
   prior, opt, chunk, predict, pool, ages = setup
   runner = T.TrialRunner(chunk, predict, strategy)
-  start = make_initial_state(prior, opt, RES)
+  start = trial_starter(prior, opt, RES)
   orders = np.stack([T.sample_order(np.arange(s, s + 6), steps, 4, s) for s in seeds])
   hyper = T.Hyper(jnp.int32(3), jnp.int32(max_iter))
   out_losses, out_preds = [], []
-  for sl in runner.slices(len(seeds)):
-    state = runner.group([start(s) for s in seeds[sl]])
-    state, losses = runner.train(state, runner.group_rows(orders, sl), 0, hyper, pool, ages)
+  layout = runner.layout(None, len(seeds))
+  for sl in layout.slices:
+    state = runner.group([start(s) for s in seeds[sl]], layout)
+    state, losses = runner.train(state, orders[sl], 0, hyper, pool, ages)
     out_losses.append(losses)
     out_preds.append(T.evaluate(runner, state, pool[:10], RES, 8))
   return np.concatenate(out_losses), np.concatenate(out_preds)
@@ -94,6 +97,29 @@ def test_strategies_agree_and_trial_equals_lone_run(setup):
   np.testing.assert_allclose(pred_m, pred_l, rtol=1e-4, atol=1e-3)
   _, lone = _run(setup, "vmap", [2])  # trial 2 of the vmapped run == a lone run with seed 2
   np.testing.assert_allclose(lone[0], pred_v[2], rtol=1e-4, atol=1e-3)
+
+
+def test_loop_groups_are_stacked_groups_of_one_sharing_one_program(setup):
+  prior, opt, chunk, predict, pool, ages = setup
+  runner = T.TrialRunner(chunk, predict, "loop")
+  start = trial_starter(prior, opt, RES)
+  orders = np.stack([T.sample_order(np.arange(s, s + 6), 4, 4, s) for s in range(3)])
+  layout = runner.layout(None, 3)
+  assert layout.mesh is None and layout.group_size == 1 and len(layout.slices) == 3
+  with pytest.raises(ValueError, match="1 to 1 trials"):
+    runner.group([start(0), start(1)], layout)
+  for sl in layout.slices:
+    state = runner.group([start(s) for s in range(sl.start, sl.stop)], layout)
+    assert {x.shape[0] for x in jax.tree.leaves(state)} == {1}  # a leading trial axis, as in every group
+    state, losses = runner.train(state, orders[sl], 0, T.Hyper(jnp.int32(3), jnp.int32(4)), pool, ages)
+    assert losses.shape == (1, 4) and runner.predict(state, pool[:8, :RES, :RES]).shape == (1, 8)
+    (lone,) = runner.ungroup(state, 1)
+    assert jax.tree.map(np.shape, lone.params) == jax.tree.map(np.shape, start(0).params)
+  assert runner.trace_counts == {("loop", 1): 1}  # one compiled program for every group
+  train, _ = T.batched(chunk, predict, "loop")
+  two = T.stack_trees([start(0), start(1)])
+  with pytest.raises(ValueError, match="one trial per device"):
+    jax.eval_shape(train, two, 0, T.Hyper(3, 4), orders[:2], pool, ages)
 
 
 def test_auto_strategy_measures_once_and_caches(tmp_path, monkeypatch):

@@ -53,9 +53,10 @@ def _trials(frozen, chunk_inputs, pool, ages, seeds, strategy="loop", steps=5, e
   orders = np.stack([T.sample_order(np.arange(s, s + 8), steps, BATCH, s) for s in seeds])
   hyper = T.Hyper(jnp.int32(100), jnp.int32(steps))
   losses, states, cached_preds = [], [], []
-  for sl in runner.slices(len(seeds)):
-    state = runner.group([start(s) for s in seeds[sl]])
-    state, loss = runner.train(state, runner.group_rows(orders, sl), 0, hyper, pool, ages)
+  layout = runner.layout(None, len(seeds))
+  for sl in layout.slices:
+    state = runner.group([start(s) for s in seeds[sl]], layout)
+    state, loss = runner.train(state, orders[sl], 0, hyper, pool, ages)
     losses.append(loss)
     if eval_inputs is not None:
       cached_preds.append(T.evaluate(runner, state, eval_inputs, None, 8))

@@ -11,8 +11,8 @@ from agejax.data.synthetic import synthetic_dataset
 from agejax.engine import trials as T
 from agejax.engine.optim import make_optimizer
 from agejax.errors import ConfigError
-from agejax.experiments import learning_curve
-from agejax.experiments.learning_curve import make_initial_state
+from agejax.experiments import plan
+from agejax.experiments.engines import trial_starter
 from agejax.experiments.priors import resolve_prior
 from agejax.main import run_config
 from agejax.models import register_backbone, save_pretrained
@@ -51,7 +51,7 @@ def _engine(prior):
   opt = make_optimizer(ml_collections.ConfigDict(dict(name="adam", base_lr=1e-2, gamma=0.1, rules=((".*", 1.0, 1.0),))),
                        prior.variables["params"])
   chunk = T.make_train_chunk(prior.model, prior.head_kind(), prior.preprocess, opt, T.StepConfig(4, RES))
-  return chunk, T.make_predict(prior.model, prior.head_kind(), prior.preprocess), make_initial_state(prior, opt, RES)
+  return chunk, T.make_predict(prior.model, prior.head_kind(), prior.preprocess), trial_starter(prior, opt, RES)
 
 
 def _trials(engine, strategy, seeds, pool, evaluate=False):
@@ -60,9 +60,10 @@ def _trials(engine, strategy, seeds, pool, evaluate=False):
   runner = T.TrialRunner(chunk, predict, strategy)
   orders = np.stack([T.sample_order(np.arange(2 * s, 2 * s + 6), 4, 4, s) for s in seeds])
   losses, params, preds = [], [], []
-  for sl in runner.slices(len(seeds)):
-    state = runner.group([start(s) for s in seeds[sl]])
-    state, loss = runner.train(state, runner.group_rows(orders, sl), 0, T.Hyper(jnp.int32(2), jnp.int32(4)), *pool)
+  layout = runner.layout(None, len(seeds))
+  for sl in layout.slices:
+    state = runner.group([start(s) for s in seeds[sl]], layout)
+    state, loss = runner.train(state, orders[sl], 0, T.Hyper(jnp.int32(2), jnp.int32(4)), *pool)
     losses.append(loss)
     if evaluate:
       preds.append(T.evaluate(runner, state, pool[0][:8], RES, 8))
@@ -134,7 +135,7 @@ def test_every_head_gets_the_same_draws(tmp_path, monkeypatch):
     calls.append((seed, out))
     return out
 
-  monkeypatch.setattr(learning_curve.trials_lib, "sample_order", recording)
+  monkeypatch.setattr(plan, "sample_order", recording)
   c = demo.get_config("quick,tiny")
   c.data.update(resize=RES + 2, crop=RES)
   c.model.preprocess = dict(PRE, resize=RES + 2, crop=RES)

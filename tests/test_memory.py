@@ -61,7 +61,7 @@ def _base_prior():
 
 
 def _engine(**trials):
-  from agejax.experiments.learning_curve import PriorEngine, with_engine_backbone
+  from agejax.experiments.engines import PriorEngine, with_engine_backbone
   from configs.demo import get_config
 
   cfg = get_config("quick,tiny")
@@ -77,7 +77,7 @@ def test_engine_chunks_trials_to_fit_the_memory_budget():
   budget_gb = 3.5 * per_trial / 0.8 / 2**30  # room for three trials and a half
   small, _ = _engine(memory_budget_gb=budget_gb)
   assert small.trial_chunk == 3
-  assert small.runner("vmap").slices(8) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+  assert small.runner("vmap").layout(None, 8).slices == (slice(0, 3), slice(3, 6), slice(6, 8))
 
 
 def test_bf16_compute_keeps_float32_master_weights():
@@ -94,7 +94,7 @@ def test_bf16_compute_keeps_float32_master_weights():
   runner = engine.runner("loop")
   order = trials_lib.sample_order(np.arange(16), 2, engine.cfg.batch_size, 0)
   hyper = trials_lib.Hyper(jnp.int32(100), jnp.int32(2))
-  new, losses = runner.train(runner.group([state]), order, 0, hyper, pool, ages)
+  new, losses = runner.train(runner.group([state], runner.layout(None, 1)), order[None], 0, hyper, pool, ages)
   assert np.isfinite(losses).all() and losses.shape == (1, 2)
   assert {x.dtype for x in jax.tree.leaves(new.params)} == {jnp.dtype("float32")}
   assert not np.allclose(jax.tree.leaves(new.params)[0], jax.tree.leaves(state.params)[0])

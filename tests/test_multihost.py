@@ -19,12 +19,13 @@ def _all_lax_plan(path) -> int:
   import jax.numpy as jnp
 
   from agejax.configs import tiny_vgg
-  from agejax.models import build_model, conv_tuning
+  from agejax.engine import autotune
+  from agejax.models import build_model
 
   model = build_model(dict(tiny_vgg(width=1 / 32, fc_dim=16, conv_impl="auto"), head="regression"))
   x = jnp.zeros((10, 32, 32, 3))  # the study's batch of 10 crops of 32 px
-  sigs = conv_tuning.model_signatures(model, model.init(jax.random.key(0), x), x.shape)
-  conv_tuning.write_plan_file(str(path), dict.fromkeys(sigs, "lax"))
+  sigs = autotune.model_signatures(model, model.init(jax.random.key(0), x), x.shape)
+  autotune.write_plan_file(str(path), dict.fromkeys(sigs, "lax"))
   return len(sigs)
 
 

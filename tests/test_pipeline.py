@@ -140,3 +140,19 @@ def test_array_and_path_sources_give_the_same_batches(tmp_path):
   for a, b in zip(from_array, from_paths, strict=True):
     np.testing.assert_array_equal(a["label"], b["label"])
     np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_explicit_indices_are_read_in_order_and_resume():
+  images, labels = _data()
+  stream = np.random.default_rng(0).integers(0, N, 24)
+  kw = dict(batch_size=4, seed=0, indices=stream, shard_index=1, shard_count=2, num_epochs=3)
+  got = _labels(make_loader(images, labels, **kw))
+  np.testing.assert_array_equal(got, stream)  # the whole stream, whatever the shard or epoch settings
+  it = make_loader(images, labels, **kw)
+  next(it), next(it)
+  state = it.get_state()
+  fresh = make_loader(images, labels, **kw)
+  fresh.set_state(state)
+  np.testing.assert_array_equal(_labels(fresh), stream[8:])
+  with pytest.raises(ValueError, match="indices"):
+    make_loader(images, labels, batch_size=4, seed=0, indices=[0, N])

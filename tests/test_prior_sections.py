@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agejax.configs import base_config, tiny_vgg
+from agejax.configs import base_config, data_section, tiny_vgg
 from agejax.errors import ConfigError
 from agejax.experiments.learning_curve import prior_config
 from agejax.experiments.study_data import StudyData, data_view
@@ -47,7 +47,7 @@ def test_prior_sections_name_bad_fields():
   assert prior_config(c, {"name": "plain"}) is c
   own = prior_config(c, {"name": "p", "optim": {"base_lr": 3e-4}, "data": {"pad_fraction": 0.25}})
   assert own.optim.base_lr == 3e-4 and own.optim.name == "adam" and own.data.pad_fraction == 0.25
-  assert c.optim.base_lr == 1e-2 and "pad_fraction" not in c.data  # the study's config is untouched
+  assert c.optim.base_lr == 1e-2 and c.data.pad_fraction == 0.0  # the study's config is untouched
   with pytest.raises(ConfigError, match=r"priors\[p\]\.optim: unknown field\(s\) lr\b"):
     prior_config(c, {"name": "p", "optim": {"lr": 1.0}})
   with pytest.raises(ConfigError, match=r"priors\[p\]\.data: test_size cannot differ between priors"):
@@ -62,7 +62,7 @@ def test_a_data_view_decodes_the_same_split_again(tmp_path):
   for i in range(4):
     paths.append(str(tmp_path / f"{i}.png"))
     Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(paths[-1])
-  cfg = {"resize": 8, "cache_dir": "none", "pad_fraction": 0.0, "pad_mode": "edge"}
+  cfg = data_section(resize=8, cache_dir="none", pad_fraction=0.0, pad_mode="edge").to_dict()
   blank = np.zeros((2, 8, 8, 3), np.uint8)
   data = StudyData(blank, np.ones(2, np.float32), np.arange(2), paths[:2], blank, np.ones(2, np.float32), None,
                    paths[2:], None, {"source": "utkface"})
@@ -89,7 +89,7 @@ def test_prior_sections_are_checked_before_the_run(extra, match):
 
 
 def test_train_loss_is_the_last_ten_steps_whatever_the_chunk():
-  from agejax.experiments.learning_curve import final_train_loss
+  from agejax.experiments.size_loop import final_train_loss
 
   losses = np.arange(40, dtype=np.float32)  # a trial of 33 steps in chunks of 20 (padded to 40) or 11 (to 33)
   assert final_train_loss(losses, 33) == final_train_loss(losses[:33], 33) == float(np.arange(23, 33).mean())

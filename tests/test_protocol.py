@@ -138,6 +138,7 @@ def test_split_lists_errors_name_the_file_and_line(tmp_path):
 
 def test_study_data_takes_the_lists(tmp_path):
   """config.data.split_lists through load_study_data on a generic CSV dataset of tiny images."""
+  from agejax.configs import data_section
   from agejax.experiments.study_data import load_study_data
 
   root = tmp_path / "data"
@@ -149,11 +150,11 @@ def test_study_data_takes_the_lists(tmp_path):
   (root / "labels.csv").write_text("\n".join(rows) + "\n")
   d = _lists(tmp_path, "generic", "/authors/train/f4.jpg_face.jpg 24\n/authors/train/f1.jpg_face.jpg 21\n",
              "/authors/train/f0.jpg 20\n", split_lists.GENERIC_FILES)
-  cfg = dict(name="generic", root=str(root), resize=8, cache_dir="none", policy="skip", split_lists=d)
+  cfg = data_section(name="generic", root=str(root), resize=8, cache_dir="none", policy="skip", split_lists=d)
   data = load_study_data(cfg, seed=0)
   assert [os.path.basename(p) for p in data.pool_names] == ["f4.jpg", "f1.jpg"]
   assert [os.path.basename(p) for p in data.test_names] == ["f0.jpg"] and data.info["unlisted_records"] == 3
-  seeded = load_study_data({**cfg, "split_lists": "", "test_size": 2}, seed=0)  # the default: a seeded split
+  seeded = load_study_data({**cfg.to_dict(), "split_lists": "", "test_size": 2}, seed=0)  # the default: a seeded split
   assert len(seeded.test_names) == 2 and len(seeded.pool_names) == 4
 
 

@@ -243,3 +243,33 @@ def test_generic_csv(tmp_path):
   (tmp_path / "other.csv").write_text("file,label\n")
   with pytest.raises(DatasetError, match="'path' and 'age'"):
     load_dataset("generic", str(tmp_path / "other.csv"))
+
+
+def test_csv_rows_one_loop(tmp_path):
+  from agejax.data.readers.common import csv_rows
+  from agejax.data.records import Rejections
+
+  path = tmp_path / "t.csv"  # BOM, ';' delimiter, CRLF, a blank line, a quoted field over two lines, a short row
+  path.write_bytes('\ufeffPath ; Age\r\n a.png ;30\r\n\r\n"b\r\nc.png";4\r\nd.png\r\n'.encode())
+  rej = Rejections("skip")
+  header, rows = csv_rows(str(path), rej, ("path", "age"))
+  assert header == ["path", "age"]
+  assert list(rows) == [("t.csv:2", {"path": "a.png", "age": "30"}), ("t.csv:4", {"path": "b\r\nc.png", "age": "4"})]
+  assert rej.examples["malformed row (1 of 2 columns)"] == ["t.csv:5"]
+  with pytest.raises(DatasetError, match=r"t.csv:5: malformed row \(1 of 2 columns\)"):
+    list(csv_rows(str(path), Rejections("strict"))[1])
+
+
+@pytest.mark.parametrize("fmt, name, head, missing", [
+  ("morph", "morph_train.csv", "photo,age_years\n", "'age'"),
+  ("appa_real", "gt_avg_train.csv", "file_name,apparent_age_avg,apparent_age_std\n", "'real_age'"),
+  ("csv", "labels.csv", "path,label\n", "'age'"),
+])
+def test_csv_missing_column_names_file_and_column(tmp_path, fmt, name, head, missing):
+  (tmp_path / name).write_text(head)
+  options = {} if fmt == "appa_real" else {"csv": str(tmp_path / name)}
+  with pytest.raises(DatasetError) as e:
+    load_dataset(fmt, str(tmp_path), **options)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith(str(tmp_path / name) + ": header must contain ")
+  assert f"; missing {missing} (columns found: {head.strip().replace(',', ', ')})" in msg

@@ -100,6 +100,74 @@ def test_write_tables_sections(tmp_path):
   assert "## ε-error" in tables.write_tables(tmp_path, rows).read_text()
 
 
+def _transfer_rows():
+  return [{"run": f"{b}-{m}", "backbone": b, "arch": "vgg16", "mode": m, "test_mae": 7.25 + i / 3, "plcc": 0.5,
+           "srocc": float("nan"), "cs5": 0.25, "val_mae": 6.0, "best_epoch": 1.5, "epochs_run": 2.0,
+           "stopped_early": i == 1, "train_images": 64, "val_images": 32, "test_images": 40, "trainable_params": 1234,
+           "backbone_max_change": 0.0, "train_wall_s": 12.6, "checkpoint": f"checkpoints/{b}-{m}"}
+          for i, (b, m) in enumerate([("7", "frozen"), ("7", "full")])]  # a backbone named like a number stays text
+
+
+def test_one_csv_writer_for_other_columns(tmp_path):
+  """The transfer study's rows: its own columns first, same cells, read back with its text fields as str."""
+  from agejax.experiments import transfer
+
+  path = tmp_path / "results.csv"
+  rows = _transfer_rows()
+  tables.append_results(path, rows[:1], transfer.RESULT_FIELDS)
+  tables.append_results(path, rows[1:], transfer.RESULT_FIELDS)
+  lines = path.read_text().splitlines()
+  assert lines[0].split(",") == list(transfer.RESULT_FIELDS) and len(lines) == 3
+  assert lines[2].startswith("7-full,7,vgg16,full,7.583333333333333,0.5,nan,0.25,6.0,1.5,2.0,True,64,")
+  back = tables.read_results(path, transfer.TEXT_FIELDS)
+  assert [(r["run"], r["backbone"], r["mode"]) for r in back] == [("7-frozen", "7", "frozen"), ("7-full", "7", "full")]
+  assert back[1]["test_mae"] == rows[1]["test_mae"] and back[1]["trainable_params"] == 1234
+  assert tables.read_results(path)[0]["backbone"] == 7  # without the text fields: a number
+
+
+def test_transfer_table(tmp_path):
+  text = tables.write_transfer_table(tmp_path, _transfer_rows(), "Transfer")
+  assert (tmp_path / "table.md").read_text() == text
+  lines = text.splitlines()
+  assert lines[0] == "# Transfer"
+  assert "| 7 | Linear layers fine-tuned | 7.250 | 0.500 | - | 0.250 | 6.000 | 1.5 / 2.0 | 13 |" in lines
+  assert "| 7 | All layers fine-tuned | 7.583 |" in text
+
+
+def test_workdir_input_writers(tmp_path):
+  import json
+
+  import ml_collections
+
+  from agejax.data.records import Rejections
+  from agejax.reports import workdir as workdir_lib
+
+  cfg = ml_collections.ConfigDict(dict(seed=3, data=dict(name="synthetic")))
+  path = workdir_lib.write_config(str(tmp_path / "w"), cfg)
+  assert open(path).read() == cfg.to_json_best_effort(indent=2) and path.endswith("w/config.json")
+  workdir_lib.write_config(str(tmp_path / "d"), {"seed": 1})
+  assert (tmp_path / "d" / "config.json").read_text() == '{"seed": 1}'
+  rejections = Rejections("skip")
+  rejections.flag("a.jpg", "unreadable")
+  workdir_lib.write_data_files(str(tmp_path / "w"), rejections, {"pool": 3, "path": tmp_path})
+  assert json.loads((tmp_path / "w" / "data_report.json").read_text())["by_reason"]["unreadable"]["files"] == ["a.jpg"]
+  assert (tmp_path / "w" / "data_info.json").read_text() == json.dumps({"pool": 3, "path": str(tmp_path)}, indent=2)
+
+
+def test_split_writers_bytes(tmp_path):
+  from agejax.reports import workdir as workdir_lib
+
+  names, ages = ["a/1.jpg", "b 2.png"], np.array([23.7, 1.0], np.float32)
+  path = workdir_lib.write_test_split(str(tmp_path), names, ages)
+  assert path == str(tmp_path / "splits" / "test.txt")
+  assert (tmp_path / "splits" / "test.txt").read_bytes() == b"# fixed test set: 2 images\na/1.jpg\t23.7\nb 2.png\t1\n"
+  rel = workdir_lib.write_trial_split(str(tmp_path), "dex", 12, 3, "# head\nx\t4\n")
+  assert rel == workdir_lib.trial_split_file("dex", 12, 3) == "splits/dex/n00012/trial03.txt"
+  assert (tmp_path / rel).read_text() == "# head\nx\t4\n"
+  with pytest.raises(ValueError):
+    workdir_lib.split_lines(names, ages[:1])  # a name without its age
+
+
 def _is_png(path):
   return path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
 

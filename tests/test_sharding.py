@@ -70,3 +70,24 @@ def test_trial_axis_size_rule():
     MeshConfig(data=0)
   assert MeshConfig.from_config({"mesh": {"trial": 4, "data": 2}}) == MeshConfig(4, 2)
   assert MeshConfig.from_config({}) == MeshConfig(0, 1)
+
+
+def test_group_layout_per_strategy(monkeypatch):
+  from agejax.parallel import sharding
+
+  unsharded = {s: sharding.group_layout(None, s, 5, trial_chunk=2) for s in ("loop", "vmap", "map")}
+  assert unsharded["loop"] == sharding.GroupLayout(None, 1, tuple(slice(i, i + 1) for i in range(5)))
+  assert unsharded["vmap"] == sharding.GroupLayout(None, 2, (slice(0, 2), slice(2, 4), slice(4, 5)))
+  assert unsharded["map"] == sharding.GroupLayout(None, 5, (slice(0, 5),))  # trial_chunk: trials per lax.map step
+  assert sharding.group_layout(None, "vmap", 3).slices == (slice(0, 3),)  # trial_chunk 0: all trials
+
+  class FakeMesh:  # a 'trial' axis of 4 devices, whatever the group
+    shape = {"trial": 4, "data": 1}
+
+  asked = []
+  monkeypatch.setattr(sharding, "mesh_for_group", lambda config, n: asked.append(n) or FakeMesh())
+  sharded = {s: sharding.group_layout(MeshConfig(), s, 6, trial_chunk=3) for s in ("loop", "vmap", "map")}
+  assert asked == [6, 3, 6]  # 'loop' asks for the whole size, the others for their nominal group
+  assert (sharded["loop"].group_size, sharded["loop"].slices) == (4, (slice(0, 4), slice(4, 6)))  # one per device
+  assert (sharded["vmap"].group_size, sharded["vmap"].slices) == (4, (slice(0, 4), slice(4, 6)))  # 3 padded to 4
+  assert (sharded["map"].group_size, sharded["map"].slices) == (8, (slice(0, 6),))  # 6 padded to 8

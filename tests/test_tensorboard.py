@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 
 from agejax.configs import tiny_vgg
-from agejax.experiments.learning_curve import TRAIN_LOSS_STEPS
+from agejax.experiments.size_loop import TRAIN_LOSS_STEPS
 from agejax.main import run_config
 from agejax.reports.tables import read_results
 

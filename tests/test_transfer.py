@@ -12,7 +12,7 @@ import pytest
 from fake_weights import random_variables
 
 from agejax.engine import fit as fit_lib
-from agejax.engine.optim import make_optimizer
+from agejax.engine.step import init_state
 from agejax.errors import ConfigError
 from agejax.main import run_config
 from agejax.models import build_model
@@ -114,9 +114,8 @@ def test_frozen_mode_keeps_batchnorm_statistics():
   params, stats = variables["params"], variables["batch_stats"]
   images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (24, 16, 16, 3), dtype=np.uint8))
   ages = jnp.asarray(np.linspace(5, 70, 24, dtype=np.float32))
-  optimizer = make_optimizer(ml_collections.ConfigDict(dict(name="adam", base_lr=1e-2)),
-                             fit_lib.trainable(params, "frozen"))
-  state = fit_lib.FitState(params, stats, optimizer.init(fit_lib.trainable(params, "frozen")), jax.random.key(0))
+  optimizer = fit_lib.optimizer_for(ml_collections.ConfigDict(dict(name="adam", base_lr=1e-2)), params, "frozen")
+  state = init_state(variables, optimizer, 0)
   out = fit_lib.fit(model, "regression", PRE, optimizer, state, fit_lib.FitConfig(batch_size=8, crop=16, steps=2),
                     "frozen", images, ages, np.arange(24), progress=False)
   assert jax.tree.all(jax.tree.map(np.array_equal, params["backbone"], out.params["backbone"]))

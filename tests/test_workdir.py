@@ -56,4 +56,22 @@ def test_differing_fields_ignore_how_a_run_is_carried_out():
   b.mesh.cpu_devices, b.checkpoint.every_chunks, b.data.cache_dir, b.title = 2, 3, "/tmp/c", "t"
   assert differing_fields(a.to_dict(), b) == []
   b.data.pad_fraction = 0.4
-  assert differing_fields(a.to_dict(), b) == ["data.pad_fraction (<unset> -> 0.4)"]
+  assert differing_fields(a.to_dict(), b) == ["data.pad_fraction (0.0 -> 0.4)"]  # declared in base_config
+
+
+def test_a_config_json_from_before_a_field_was_declared_still_resumes(tmp_path):
+  """Fields declared in base_config later (data.pad_fraction, ...) read as their defaults in an older config.json."""
+  import json
+
+  from configs import demo
+
+  cfg = demo.get_config("quick,tiny")  # its optim section is its own (no momentum): nothing to fill there
+  old = cfg.to_dict()
+  for key in ("pad_fraction", "pad_mode", "split_lists", "use_dataset_split"):
+    del old["data"][key]
+  _saved(tmp_path, cfg)
+  (tmp_path / "config.json").write_text(json.dumps(old, default=str))
+  assert prepare_workdir(str(tmp_path), cfg) is True
+  cfg.data.pad_fraction = 0.25
+  with pytest.raises(ConfigError, match=r"data\.pad_fraction \(0\.0 -> 0\.25\)"):
+    prepare_workdir(str(tmp_path), cfg)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import tqdm
 
+from agejax.cachedir import cache_root
 from agejax.data.images import PAD_MODES, RESIZE_MODES, PadMode, ResizeMode, adapt_crop, decode_image, resize_image
 from agejax.data.records import Rejections
 from agejax.errors import DatasetError
@@ -33,8 +34,8 @@ Backend = Literal["thread", "process"]
 
 
 def default_cache_dir() -> str:
-  """$AGEJAX_CACHE, else ~/.cache/agejax."""
-  return os.environ.get("AGEJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "agejax")
+  """$AGEJAX_CACHE, else ~/.cache/agejax (`agejax.cachedir.cache_root`)."""
+  return cache_root()
 
 
 def _file_stamps(paths: Sequence[str]) -> list[tuple[str, int, int] | None]:

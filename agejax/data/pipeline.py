@@ -2,7 +2,9 @@
 
 make_loader builds: element indices -> shuffle(seed) -> this process's shard -> repeat -> read + per-element
 transform -> batch, with threaded prefetch, and returns a grain DatasetIterator whose get_state()/set_state()
-resume exactly. Transforms are `(image, rng) -> image` on uint8 HWC numpy arrays.
+resume exactly. Transforms are `(image, rng) -> image` on uint8 HWC numpy arrays. With `indices` (an element
+stream drawn elsewhere, e.g. `engine.orders.sample_order`) it reads exactly that stream instead; the
+single-model trainer (`agejax.engine.fit`) reads a training set too big for the device that way.
 """
 
 from collections.abc import Callable, Sequence
@@ -25,11 +27,21 @@ def _shard_seed(seed: int, shard_index: int) -> int:
   return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
 
 
+def _index_stream(n: int, seed: int, shuffle: bool, num_epochs: int | None, shard_index: int, shard_count: int,
+                  drop_remainder: bool) -> grain.MapDataset:
+  """The element indices this shard reads: per-epoch shuffles of range(n), split by stride, repeated."""
+  ds = grain.MapDataset.range(n)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds[shard_index:(n - n % shard_count if drop_remainder else n):shard_count]
+  return ds if num_epochs == 1 else ds.repeat(num_epochs)
+
+
 def make_loader(images_or_paths: np.ndarray | Sequence[str], labels: np.ndarray, *, batch_size: int, seed: int,
                 shuffle: bool = True, num_epochs: int | None = None, shard_index: int | None = None,
                 shard_count: int | None = None, transform: Transform | None = None, drop_remainder: bool = True,
                 image_size: int | None = None, resize: ResizeMode = "squash", num_threads: int = 4,
-                prefetch: int = 4) -> grain.DatasetIterator:
+                prefetch: int = 4, indices: np.ndarray | None = None) -> grain.DatasetIterator:
   """Iterator of batches {'image': (B, H, W, 3), 'label': (B, ...)} for this process.
 
   images_or_paths: an (N, H, W, 3) array (e.g. the memory map from cache.load_images), gathered a batch at a
@@ -41,7 +53,8 @@ def make_loader(images_or_paths: np.ndarray | Sequence[str], labels: np.ndarray,
   process makes the same number of steps. num_epochs=None repeats forever; with more than one epoch a batch
   may hold the end of one epoch and the start of the next. `transform(image, rng)` gets a generator seeded by
   (seed, shard, position in this shard's stream): reproducible, resumable, and different in every epoch.
-  `prefetch` is in batches.
+  `prefetch` is in batches. `indices`: the element indices to read, in order (every process reads all of
+  them; `shuffle`, the shards and `num_epochs` do not apply).
   """
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
@@ -54,13 +67,13 @@ def make_loader(images_or_paths: np.ndarray | Sequence[str], labels: np.ndarray,
   labels = np.asarray(labels)
   tseed = _shard_seed(seed, shard_index)
 
-  n = len(labels)
-  ds = grain.MapDataset.range(n)  # the stream of element indices
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds[shard_index:(n - n % shard_count if drop_remainder else n):shard_count]
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
+  if indices is None:
+    ds = _index_stream(len(labels), seed, shuffle, num_epochs, shard_index, shard_count, drop_remainder)
+  else:
+    indices = np.asarray(indices).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(labels)):
+      raise ValueError(f"indices must lie in [0, {len(labels)})")
+    ds = grain.MapDataset.source(indices)
 
   if isinstance(images_or_paths, np.ndarray):
     images = images_or_paths

@@ -8,8 +8,12 @@ the latest one and continues; the results equal those of an uninterrupted run. A
 another configuration (its fingerprint differs) is discarded with a warning. Every process takes part in
 saves; with several processes the state is saved as the global sharded arrays it is.
 
-`config.checkpoint`: enabled, every_chunks (save every N chunks, and at the end of every group but the last), keep,
-async_save (write in the background; waited for before the next save's commit and before exit).
+`config.checkpoint`: enabled, every_chunks (save every N chunks, and at the end of every group but the last),
+every_steps (the single-model trainer `fit`: save every N optimiser steps), keep, async_save (write in the
+background; waited for before the next save's commit and before exit).
+
+`FitCheckpoints` does the same for one model trained by `agejax.engine.fit.fit` (a pre-training stage): its
+state, the best state so far, the history, and the Grain iterator's state when it reads through Grain.
 
 `StopOnSignal` turns SIGTERM into a request that training honours at the next chunk boundary: it saves a
 checkpoint and raises `Preempted`; `python -m agejax.main` then exits with status `EXIT_PREEMPTED` (75).
@@ -24,6 +28,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -47,6 +52,7 @@ class CheckpointConfig:
 
   enabled: bool = True
   every_chunks: int = 10
+  every_steps: int = 500
   keep: int = 2
   async_save: bool = True
 
@@ -54,8 +60,9 @@ class CheckpointConfig:
   def from_config(cls, cfg: Any) -> "CheckpointConfig":
     section = dict(cfg.get("checkpoint") or {})
     out = cls(**{f.name: type(f.default)(section[f.name]) for f in dataclasses.fields(cls) if f.name in section})
-    if out.every_chunks < 1 or out.keep < 1:
-      raise AgejaxError(f"config.checkpoint: every_chunks ({out.every_chunks}) and keep ({out.keep}) must be >= 1")
+    if min(out.every_chunks, out.every_steps, out.keep) < 1:
+      raise AgejaxError(f"config.checkpoint: every_chunks ({out.every_chunks}), every_steps ({out.every_steps}) and "
+                        f"keep ({out.keep}) must be >= 1")
     return out
 
 
@@ -138,13 +145,15 @@ def _flat(tree: Any, fn: Any) -> dict[str, Any]:
 class SizeCheckpoints:
   """The checkpoints of one (prior, size): save, find the latest that fits, restore, clean up."""
 
+  item_names: tuple[str, ...] = _ITEMS
+
   def __init__(self, directory: str, config: CheckpointConfig, fingerprint: Mapping[str, Any]):
     self.directory = os.path.abspath(directory)
     self.fingerprint = dict(fingerprint)
     self.config = config
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
                                            enable_async_checkpointing=config.async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.item_names)
 
   def latest(self) -> dict[str, Any] | None:
     """The latest checkpoint's metadata (with its `step`), or None; a foreign one is deleted."""
@@ -189,6 +198,47 @@ class SizeCheckpoints:
     sharding_lib.barrier("ckpt")
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class FitCheckpointing:
+  """Where `fit` keeps its checkpoints: `directory`, `config` (every_steps, keep, async_save) and the
+  `fingerprint` of what defines the run (fit adds its own: steps, batch, seed, loader)."""
+
+  directory: str
+  config: CheckpointConfig = CheckpointConfig()
+  fingerprint: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class FitCheckpoints(SizeCheckpoints):
+  """The checkpoints of one `fit` run: metadata, the best state so far (`host`, host arrays), the training
+  state and, on the Grain path, the iterator's state (Grain's Orbax handler: one JSON file per process)."""
+
+  item_names = (*_ITEMS, "loader")
+
+  def save_fit(self, step: int, meta: Mapping[str, Any], best: Any, state: Any,
+               loader: grain.DatasetIterator | None) -> None:
+    """Saves at `step`: `best` (a pytree of host arrays, or None before the first validation), `state`, and
+    `loader`'s position (None on the device path)."""
+    items = {"meta": ocp.args.JsonSave({**meta, "fingerprint": self.fingerprint, "has_best": best is not None,
+                                        "has_loader": loader is not None}),
+             "state": ocp.args.StandardSave(_flat(state, _saveable))}
+    if best is not None:
+      items["host"] = ocp.args.StandardSave(_flat(best, lambda x: np.array(x, copy=True)))
+    if loader is not None:
+      items["loader"] = grain.checkpoint.CheckpointSave(loader)
+    sharding_lib.barrier("ckpt")
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore_best(self, step: int, like: Any) -> Any:
+    """The saved best state as host arrays, structured like `like`."""
+    flat = self.restore_host(step, _flat(like, np.asarray))
+    return jax.tree.unflatten(jax.tree.structure(like), [flat[k] for k in sorted(flat)])
+
+  def restore_loader(self, step: int, loader: grain.DatasetIterator) -> grain.DatasetIterator:
+    """`loader` (a fresh iterator of the same pipeline) moved to where the saved one stood."""
+    args = ocp.args.Composite(loader=grain.checkpoint.CheckpointRestore(loader))
+    return self.manager.restore(step, args=args)["loader"]
 
 
 def remove_checkpoints(directory: str) -> None:

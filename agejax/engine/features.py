@@ -22,11 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from tqdm import tqdm
 
 from agejax.engine import memory as memory_lib
-from agejax.engine.trials import TrialState
+from agejax.engine.step import TrialState, init_state
 from agejax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ class View:
 
 
 def view_of(data_cfg: Mapping[str, Any], side: int, cached_crops: int) -> View:
-  crop, random_crop = int(data_cfg["crop"]), bool(data_cfg.get("random_crop", True))
-  return View(side, crop, crop_offsets(side, crop, random_crop, int(cached_crops)), bool(data_cfg.get("mirror", True)),
+  crop, random_crop = int(data_cfg["crop"]), bool(data_cfg["random_crop"])
+  return View(side, crop, crop_offsets(side, crop, random_crop, int(cached_crops)), bool(data_cfg["mirror"]),
               random_crop)
 
 
@@ -183,15 +184,15 @@ class FrozenPrefix:
     crops = jnp.where(flip[:, None, None, None] > 0, crops[:, :, ::-1], crops)
     return lax.stop_gradient(self.prefix(variables, crops))
 
-  def initial_state(self, optimizer: Any) -> Callable[[int], TrialState]:
+  def initial_state(self, tx: optax.GradientTransformation) -> Callable[[int], TrialState]:
     """seed -> a trial's starting state over the tail's variables (a new head drawn exactly as the full model's)."""
 
     def start(variables: Any, seed: jax.Array) -> TrialState:
-      key = jax.random.key(seed)
       params = dict(variables["params"])
       if self.new_head:
-        params["head"] = self.model.head.init(jax.random.fold_in(key, 3), jnp.zeros((1, self.head_dim)))["params"]
-      return TrialState(params, variables.get("batch_stats", {}), optimizer.init(params), key)
+        key = jax.random.fold_in(jax.random.key(seed), 3)
+        params["head"] = self.model.head.init(key, jnp.zeros((1, self.head_dim)))["params"]
+      return init_state({**variables, "params": params}, tx, seed)
 
     start = jax.jit(start)
     return lambda seed: start(self.tail_variables, jnp.asarray(seed, jnp.uint32))

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -42,21 +43,21 @@ from agejax.engine.step import (  # noqa: F401
   augment,
   center_crop,
   make_predict,
-  make_train_step,
+  make_step,
   sample_order,
 )
 from agejax.models.pretrained import Preprocess
 from agejax.parallel import sharding as sharding_lib
 
 
-def make_train_chunk(model: Any, head: str, preprocess: Preprocess, optimizer: Any, cfg: StepConfig,
+def make_train_chunk(model: Any, head: str, preprocess: Preprocess, tx: optax.GradientTransformation, cfg: StepConfig,
                      inputs: Inputs | None = None) -> Callable[..., tuple[TrialState, jax.Array]]:
   """`chunk(state, step0, hyper, batch_idx[K, B], pool_images, pool_ages) -> (state, losses[K])` for ONE trial.
 
   Steps at or past `hyper.max_iter` leave the state unchanged (loss reported as 0), so the last chunk of
   a size may be partial without another compilation.
   """
-  step_fn = make_train_step(model, head, preprocess, optimizer, cfg, inputs)
+  step_fn = make_step(model, head, preprocess, tx, cfg, inputs)
 
   def chunk(state, step0, hyper, batch_idx, pool_images, pool_ages):
     def body(st, xs):
@@ -79,76 +80,95 @@ def unstack_tree(tree: Any, n: int) -> list[Any]:
   return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
-def _groups(n: int, size: int) -> list[slice]:
-  size = max(1, min(size or n, n))
-  return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def _vmapped(chunk_fn: Callable, predict_fn: Callable, trial_chunk: int) -> tuple[Callable, Callable]:
+  del trial_chunk  # a 'vmap' group is vectorised whole (its size is the chunk)
+  return (jax.vmap(chunk_fn, in_axes=(0, None, None, 0, None, None)), jax.vmap(predict_fn, in_axes=(0, 0, None)))
+
+
+def _mapped(chunk_fn: Callable, predict_fn: Callable, trial_chunk: int) -> tuple[Callable, Callable]:
+  batch = trial_chunk or None  # trials vectorised per `lax.map` iteration
+
+  def train(states, step0, hyper, batch_idx, pool_images, pool_ages):
+    return lax.map(lambda a: chunk_fn(a[0], step0, hyper, a[1], pool_images, pool_ages), (states, batch_idx),
+                   batch_size=batch)
+
+  def predict(params, batch_stats, images):
+    return lax.map(lambda a: predict_fn(a[0], a[1], images), (params, batch_stats), batch_size=batch)
+
+  return train, predict
+
+
+def _lone_trial(chunk_fn: Callable, predict_fn: Callable, trial_chunk: int) -> tuple[Callable, Callable]:
+  """'loop' functions on a group (or a device's block) of one trial: the trial axis is taken off, then put back."""
+  del trial_chunk
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+  add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
+
+  def train(state, step0, hyper, batch_idx, pool_images, pool_ages):
+    if batch_idx.shape[0] != 1:  # static: raised while tracing
+      raise ValueError(f"a 'loop' program trains one trial per device, got a block of {batch_idx.shape[0]}")
+    return add_axis(chunk_fn(first(state), step0, hyper, batch_idx[0], pool_images, pool_ages))
+
+  def predict(params, batch_stats, images):
+    return predict_fn(first(params), first(batch_stats), images)[None]
+
+  return train, predict
+
+
+_BATCHED = {"vmap": _vmapped, "map": _mapped, "loop": _lone_trial}
+
+
+def batched(chunk_fn: Callable, predict_fn: Callable, strategy: str,
+            trial_chunk: int = 0) -> tuple[Callable, Callable]:
+  """One trial's chunk and predict functions as functions over a group with a leading trial axis.
+
+  `train(states, step0, hyper, batch_idx[G, K, B], pool_images, pool_ages) -> (states, losses[G, K])` and
+  `predict(params, batch_stats, images) -> ages[G, N]`: 'vmap' vectorises the G trials, 'map' runs them
+  through `lax.map` (`trial_chunk` vectorised at a time, 0: all), 'loop' takes a group of G = 1."""
+  return _BATCHED[strategy](chunk_fn, predict_fn, trial_chunk)
 
 
 class TrialRunner:
-  """Trains the T trials of one size in groups, one group after another, with a chosen strategy.
+  """Trains the groups of a size (`sharding.group_layout`) one after another, with a chosen strategy.
 
-  'loop' groups hold one unstacked trial; 'vmap' groups stack `trial_chunk` trials (all by default);
-  'map' puts all trials through one `lax.map` program (`trial_chunk` vectorised at a time). Only one
-  group's state is alive at a time, which bounds memory for large models.
+  Every group has a leading trial axis: 'vmap' groups stack `trial_chunk` trials (all by default), 'map'
+  puts all trials through one `lax.map` program (`trial_chunk` vectorised at a time), and a 'loop' group
+  holds one trial (one per device on a mesh), so one compiled program serves every size. Only one group's
+  state is alive at a time, which bounds memory for large models.
 
-  With a `mesh` config (`agejax.parallel.sharding.MeshConfig`), groups that get a mesh of several devices
-  are stacked straight into global arrays sharded along the 'trial' axis (padded with copies of the last
-  trial to a multiple of its size; the copies are dropped from every output), each trial's batch indices
-  are split over the 'data' axis, and pool and test images are replicated. A 'loop' group then holds one
-  trial per device of the trial axis, so one compiled program serves every size.
+  Groups whose layout has a mesh are stacked straight into global arrays sharded along the 'trial' axis
+  (padded with copies of the last trial; the copies are dropped from every output), each trial's batch
+  indices are split over the 'data' axis, and pool and test images are replicated. The runner holds only
+  caches: its compiled programs (per mesh and argument layout) and replicated inputs.
   `trace_counts[(strategy, group size)]` counts how often the chunk program was traced.
   """
 
-  def __init__(self, chunk_fn: Callable, predict_fn: Callable, strategy: str, trial_chunk: int = 0,
-               mesh: Any = None):
+  def __init__(self, chunk_fn: Callable, predict_fn: Callable, strategy: str, trial_chunk: int = 0):
     if strategy not in STRATEGIES:
       raise ValueError(f"unknown trials.parallel {strategy!r}; expected one of {STRATEGIES} or 'auto'")
     self.strategy = strategy
     self.trial_chunk = trial_chunk
-    self.mesh_config = mesh
     self.trace_counts: collections.Counter[tuple[str, int]] = collections.Counter()
     self._chunk_fn, self._predict_fn = chunk_fn, predict_fn
     self._on_mesh: dict[Any, tuple[Callable, Callable]] = {}
     self._placed: dict[tuple[int, Any], tuple[jax.Array, jax.Array]] = {}
-    self._sized: tuple[Any, int] | None = None  # (mesh, padded group size) of the size `slices` last split
     self._executables: dict[Any, Any] = {}  # mesh programs, compiled ahead of time per argument layout
     train, predict = self._programs(None)
     self._train = jax.jit(train, donate_argnums=0)
     self._predict = jax.jit(predict)
 
-  def set_mesh(self, mesh: Any) -> None:
-    """Sets the `MeshConfig` used by groups formed from now on (None: never shard)."""
-    self.mesh_config = mesh
-
-  def _count(self, state: TrialState, stacked: bool) -> None:  # runs while tracing only
-    size = jax.tree.leaves(state)[0].shape[0] if stacked else 1
-    self.trace_counts[(self.strategy, size)] += 1
+  def layout(self, mesh: sharding_lib.MeshConfig | None, num_trials: int) -> sharding_lib.GroupLayout:
+    """The groups of a size of `num_trials` trials under this strategy (`mesh` None: never shard)."""
+    return sharding_lib.group_layout(mesh, self.strategy, num_trials, self.trial_chunk)
 
   def _programs(self, mesh: Any) -> tuple[Callable, Callable]:
-    """The train and predict functions of this strategy (run per device on its block of trials if `mesh`)."""
-    chunk_fn, predict_fn = self._chunk_fn, self._predict_fn
-    if self.strategy == "loop":
-      train, predict = (chunk_fn, predict_fn) if mesh is None else _lone_trial(chunk_fn, predict_fn)
-    elif self.strategy == "vmap":
-      train = jax.vmap(chunk_fn, in_axes=(0, None, None, 0, None, None))
-      predict = jax.vmap(predict_fn, in_axes=(0, 0, None))
-    else:
-      batch = self.trial_chunk or None
-
-      def train(states, step0, hyper, batch_idx, pool_images, pool_ages):
-        return lax.map(lambda a: chunk_fn(a[0], step0, hyper, a[1], pool_images, pool_ages), (states, batch_idx),
-                       batch_size=batch)
-
-      def predict(p, b, x):
-        return lax.map(lambda a: predict_fn(a[0], a[1], x), (p, b), batch_size=batch)
-
+    """The train and predict functions of this strategy over a group (per device on its block if `mesh`)."""
+    train, predict = batched(self._chunk_fn, self._predict_fn, self.strategy, self.trial_chunk)
     if mesh is not None:
       train, predict = _per_device(train, predict, mesh)
 
-    stacked = self.strategy != "loop" or mesh is not None
-
     def counted(state, *args):
-      self._count(state, stacked)
+      self.trace_counts[(self.strategy, jax.tree.leaves(state)[0].shape[0])] += 1  # runs while tracing only
       return train(state, *args)
 
     return counted, predict
@@ -161,11 +181,6 @@ class TrialRunner:
                              jax.jit(predict, out_shardings=replicated))
     return self._on_mesh[mesh]
 
-  def _group_mesh(self, group_trials: int) -> Any:
-    if self.mesh_config is None:
-      return None
-    return sharding_lib.mesh_for_group(self.mesh_config, group_trials)
-
   def _replicated(self, array: jax.Array, mesh: Any) -> jax.Array:
     """`array` replicated over `mesh`, placed once per (array, mesh)."""
     key = (id(array), mesh)
@@ -175,41 +190,14 @@ class TrialRunner:
       self._placed[key] = (array, jax.tree.map(lambda a: sharding_lib.to_global(a, NamedSharding(mesh, P())), array))
     return self._placed[key][1]
 
-  def _layout(self, group_trials: int) -> tuple[Any, int]:
-    """(mesh or None, padded group size) for groups of up to `group_trials` trials ('loop': for a size of
-    `group_trials` trials, whose groups hold one trial per device)."""
-    mesh = self._group_mesh(group_trials)
-    if self.strategy == "loop":
-      return mesh, 1 if mesh is None else mesh.shape["trial"]
-    return mesh, group_trials if mesh is None else sharding_lib.round_up(group_trials, mesh.shape["trial"])
-
-  def _stacked(self) -> bool:
-    """Whether the groups of the size `slices` last split are stacked (all but single-device 'loop')."""
-    return self.strategy != "loop" or (self._sized is not None and self._sized[0] is not None)
-
-  def slices(self, num_trials: int) -> list[slice]:
-    """The groups of trials run together (one compiled program serves groups of one size).
-
-    With a mesh, every group of the size is padded to the first one's size, so they share one program."""
-    if self.strategy == "loop":
-      self._sized = self._layout(num_trials)
-      return _groups(num_trials, self._sized[1])
-    nominal = min(self.trial_chunk or num_trials, num_trials) if self.strategy == "vmap" else num_trials
-    self._sized = self._layout(nominal)
-    return _groups(num_trials, self._sized[1])
-
-  def group(self, states: Sequence[TrialState]) -> TrialState:
-    """One group's state from its trials' states (stacked unless single-device 'loop'; sharded if the group
-    gets a mesh)."""
-    layout = self._sized
-    mesh, size = layout if layout and layout[0] is not None and len(states) <= layout[1] else self._layout(len(states))
-    if mesh is None and self.strategy == "loop":
-      if len(states) != 1:
-        raise ValueError(f"a single-device 'loop' group holds one trial, got {len(states)}")
-      return jax.tree.map(jnp.copy, states[0])  # own copy: the step donates it, and trials share the prior's buffers
-    if mesh is None:
+  def group(self, states: Sequence[TrialState], layout: sharding_lib.GroupLayout) -> TrialState:
+    """One group's state from its trials' states: stacked (fresh buffers, which the step donates) and, on the
+    layout's mesh, sharded over 'trial' and padded to the group size with copies of the last trial."""
+    if not 0 < len(states) <= layout.group_size:
+      raise ValueError(f"a group of this layout holds 1 to {layout.group_size} trials, got {len(states)}")
+    if layout.mesh is None:
       return stack_trees(states)
-    return sharding_lib.stack_to_global(states, NamedSharding(mesh, P("trial")), size)
+    return sharding_lib.stack_to_global(states, NamedSharding(layout.mesh, P("trial")), layout.group_size)
 
   def ungroup(self, state: TrialState, size: int) -> list[TrialState]:
     """The first `size` trials of a group (padding dropped), as host arrays (PRNG keys stay key arrays).
@@ -217,8 +205,6 @@ class TrialRunner:
     The group comes to the host in one transfer: slicing device arrays trial by trial costs one dispatch per
     leaf and trial (34 s of a 160 s demo run). With several processes and a sharded group, every process
     must call it."""
-    if self.strategy == "loop" and sharding_lib.mesh_of(state) is None:
-      return [state]
     return unstack_tree(sharding_lib.to_host(state), size)
 
   def _train_call(self, state: TrialState, batch_idx: np.ndarray, step0: int, hyper: Hyper,
@@ -244,24 +230,19 @@ class TrialRunner:
 
   def train(self, state: TrialState, batch_idx: np.ndarray, step0: int, hyper: Hyper, pool_images: jax.Array,
             pool_ages: jax.Array) -> tuple[TrialState, np.ndarray]:
-    """Advances one group by one chunk of steps; `batch_idx` is (group, K, B) ((K, B): a single-device 'loop').
+    """Advances one group by one chunk of steps; `batch_idx` (trials, K, B) holds its trials' rows (a sharded
+    group's padding left out), e.g. `orders[sl]` for a group of slice `sl`.
 
-    Returns the new state and the losses (group size, K) of the trials in `batch_idx` (padding dropped)."""
+    Returns the new state and the losses (trials, K) of the trials in `batch_idx`."""
     program, args = self._train_call(state, batch_idx, step0, hyper, pool_images, pool_ages)
     state, loss = program(*args)
-    loss = np.asarray(loss)
-    return state, (loss[None] if np.ndim(batch_idx) == 2 else loss[:len(batch_idx)])  # 2: a lone 'loop' trial
-
-  def group_rows(self, array: np.ndarray, sl: slice) -> np.ndarray:
-    """A group's slice of a per-trial array (the lone trial's row for a single-device 'loop')."""
-    return array[sl] if self._stacked() else array[sl.start]
+    return state, np.asarray(loss)[:len(batch_idx)]
 
   def predict(self, state: TrialState, images: jax.Array) -> np.ndarray:
     """Predicted ages (group size, N) on one batch of uint8 crops (a sharded group's padding included)."""
     mesh = sharding_lib.mesh_of(state)
     if mesh is None:
-      out = np.asarray(self._predict(state.params, state.batch_stats, images))
-      return out[None] if self.strategy == "loop" else out
+      return np.asarray(self._predict(state.params, state.batch_stats, images))
     _, predict = self._mesh_programs(mesh)
     args = (state.params, state.batch_stats, sharding_lib.to_global(images, NamedSharding(mesh, P())))
     return np.asarray(self._executable(predict, args)(*args))
@@ -280,20 +261,6 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   """`array` with copies of its last row appended up to `rows` rows."""
   extra = rows - len(array)
   return np.concatenate([array, np.repeat(array[-1:], extra, axis=0)]) if extra > 0 else array
-
-
-def _lone_trial(chunk_fn: Callable, predict_fn: Callable) -> tuple[Callable, Callable]:
-  """'loop' functions on a device's block of a one-trial-per-device group (a block of one trial)."""
-  first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-  add_axis = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
-
-  def train(state, step0, hyper, batch_idx, pool_images, pool_ages):
-    return add_axis(chunk_fn(first(state), step0, hyper, batch_idx[0], pool_images, pool_ages))
-
-  def predict(params, batch_stats, images):
-    return predict_fn(first(params), first(batch_stats), images)[None]
-
-  return train, predict
 
 
 def _per_device(train: Callable, predict: Callable, mesh: Any) -> tuple[Callable, Callable]:
@@ -326,18 +293,20 @@ def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, cro
   return np.concatenate(preds, axis=1)
 
 
-
-def time_chunk(runner: TrialRunner, make_states: Callable[[slice], list[TrialState]], orders: np.ndarray,
-               hyper: Hyper, pool_images: jax.Array, pool_ages: jax.Array, steps: int = 2) -> float:
-  """Estimated seconds per chunk for all trials, measured on the first group after compilation.
+def time_chunk(runner: TrialRunner, mesh: sharding_lib.MeshConfig | None,
+               make_states: Callable[[slice], list[TrialState]], orders: np.ndarray, hyper: Hyper,
+               pool_images: jax.Array, pool_ages: jax.Array, steps: int = 2) -> float:
+  """Estimated seconds per chunk for all trials, measured on the first group (laid out for `mesh`) after
+  compilation.
 
   `orders` is (T, K, B). Only `steps` steps of the chunk execute (the rest are skipped through
   `max_iter`, a real branch since the predicate is not batched), so measuring a slow strategy is cheap.
   """
   num_trials, k = orders.shape[:2]
-  sl = runner.slices(num_trials)[0]
-  state = runner.group(make_states(sl))
-  idx = runner.group_rows(orders, sl)
+  layout = runner.layout(mesh, num_trials)
+  sl = layout.slices[0]
+  state = runner.group(make_states(sl), layout)
+  idx = orders[sl]
   one = Hyper(hyper.stepsize, jnp.asarray(1, jnp.int32))
   state, _ = runner.train(state, idx, 0, one, pool_images, pool_ages)  # compile (and one step)
   jax.block_until_ready(state)
@@ -352,4 +321,3 @@ def time_chunk(runner: TrialRunner, make_states: Callable[[slice], list[TrialSta
   jax.block_until_ready(state)
   per_step = max(time.perf_counter() - t0 - overhead, 1e-9) / steps
   return (overhead + per_step * k) * num_trials / (sl.stop - sl.start)
-

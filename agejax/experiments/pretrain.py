@@ -21,9 +21,13 @@ from 100, 1,000, 10,000 or all source samples). Fields of `pretrain`:
 The result is a prior directory under workdir/priors/NAME-HASH, the hash covering everything that defines
 it (entry, parent stage, model, input size, seed, and the target histogram for 'matched'); a later run with
 the same definition reuses it. `pretrain_stage.json` beside it records the histograms (source, resampled,
-target), the validation history and the source test MAE.
+target), the validation history and the source test MAE. While a stage trains it checkpoints under
+workdir/ckpt/NAME/ (config.checkpoint.every_steps; on SIGTERM too), so an interrupted stage resumes mid-stage,
+mid-epoch, and ends with the prior an uninterrupted one makes.
 """
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -37,9 +41,11 @@ import ml_collections
 import numpy as np
 
 from agejax.data.distribution import age_histogram, resample_indices
+from agejax.engine import checkpoint as checkpoint_lib
 from agejax.engine import fit as fit_lib
 from agejax.engine import metrics as metrics_lib
-from agejax.engine.optim import make_optimizer
+from agejax.engine import step as step_lib
+from agejax.engine.checkpoint import FitCheckpointing
 from agejax.errors import ConfigError
 from agejax.models.pretrained import METADATA_FILE, save_pretrained
 from agejax.parallel import sharding as sharding_lib
@@ -170,18 +176,27 @@ def _val_set(ages: np.ndarray, idx: np.ndarray, dist: Mapping[str, Any] | None, 
   return idx[pick]
 
 
+# A stage's own fields and their defaults (a `pretrain` section is a user mapping; these are declared once here).
+STAGE_DEFAULTS: dict[str, Any] = dict(stop="fixed", steps=0, epochs=1.0, eval_every=0, patience=3, min_delta=0.0,
+                                      stepsize=0, mode="full", val_size=0, val_fraction=0.1)
+
+
+def stage_fields(p: Mapping[str, Any]) -> dict[str, Any]:
+  """A `pretrain` section with STAGE_DEFAULTS filled in (its hash is taken from the section as written)."""
+  return {**STAGE_DEFAULTS, **{k: v for k, v in dict(p).items() if v is not None}}
+
+
 def _fit_config(p: Mapping[str, Any], cfg: Any) -> fit_lib.FitConfig:
-  stop = p.get("stop", "fixed")
-  if stop not in STOP_RULES:
-    raise ConfigError(f"pretrain.stop must be one of {STOP_RULES}, got {stop!r}")
   if not p.get("steps") and not p.get("epochs"):
     raise ConfigError("a pretrain section needs `steps` or `epochs` (the length, or its cap with stop='converge')")
+  p = stage_fields(p)
+  if p["stop"] not in STOP_RULES:
+    raise ConfigError(f"pretrain.stop must be one of {STOP_RULES}, got {p['stop']!r}")
   return fit_lib.FitConfig(
-      batch_size=int(p.get("batch_size", cfg.batch_size)), crop=int(cfg.data.crop), epochs=float(p.get("epochs", 1.0)),
-      steps=int(p.get("steps", 0) or 0), mirror=bool(cfg.data.get("mirror", True)),
-      random_crop=bool(cfg.data.get("random_crop", True)), eval_every=int(p.get("eval_every", 0) or 0),
-      patience=int(p.get("patience", 3)) if stop == "converge" else 0, min_delta=float(p.get("min_delta", 0.0)),
-      stepsize=int(p.get("stepsize", 0) or 0), eval_batch_size=int(cfg.get("eval_batch_size", 64)))
+      batch_size=int(p.get("batch_size", cfg.batch_size)), crop=int(cfg.data.crop), epochs=float(p["epochs"]),
+      steps=int(p["steps"] or 0), mirror=bool(cfg.data.mirror), random_crop=bool(cfg.data.random_crop),
+      eval_every=int(p["eval_every"] or 0), patience=int(p["patience"]) if p["stop"] == "converge" else 0,
+      min_delta=float(p["min_delta"]), stepsize=int(p["stepsize"] or 0), eval_batch_size=int(cfg.eval_batch_size))
 
 
 def _start(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages: np.ndarray | None) -> dict[str, Any]:
@@ -199,10 +214,114 @@ def _start(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages: np.nda
   return start
 
 
-def pretrain_prior(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages: np.ndarray | None = None) -> str:
-  """Runs (or reuses) the pre-training stage of a prior entry; returns its prior directory."""
-  from agejax.experiments.priors import resolve_prior
+@dataclasses.dataclass
+class _StageData:
+  """A stage's source data and its parts: resampled training items, held-out validation, distribution."""
+
+  data: Any
+  data_cfg: dict[str, Any]
+  dist: dict[str, Any] | None
+  train_idx: np.ndarray
+  val_idx: np.ndarray
+  items: np.ndarray
+
+
+def _stage_data(entry: Mapping[str, Any], cfg: Any, target_ages: np.ndarray | None) -> _StageData:
+  """Loads the source of a stage and draws its training items and (stop='converge') validation set."""
   from agejax.experiments.study_data import load_study_data
+
+  name, p = entry["name"], entry["pretrain"]
+  data_cfg = {**_plain(cfg.data), **_plain(p["data"])}
+  data = load_study_data(data_cfg, cfg.seed + 1000)
+  dist = _plain(p.get("distribution")) or None
+  val_idx = np.zeros(0, np.int64)
+  train_idx = np.arange(len(data.pool_ages))
+  p = stage_fields(p)
+  if p["stop"] == "converge":
+    val_size = int(p["val_size"] or round(float(p["val_fraction"]) * len(train_idx)))
+    if val_size > len(train_idx) // 2:
+      log.warning("prior %s: val_size %d capped at half the source pool (%d)", name, val_size, len(train_idx) // 2)
+      val_size = len(train_idx) // 2
+    train_idx, val_idx = split_source(data.pool_ages, max(1, val_size), cfg.seed)
+    val_idx = _val_set(data.pool_ages, val_idx, dist, target_ages, cfg.seed)
+  items = train_idx[draw_training_set(data.pool_ages[train_idx], dist, target_ages, cfg.seed)]
+  return _StageData(data, data_cfg, dist, train_idx, val_idx, items)
+
+
+def checkpoint_dir(entry: Mapping[str, Any], workdir: str, out: str) -> str:
+  """Where a stage's checkpoints live while it trains: workdir/ckpt/NAME/pretrain-HASH (removed once saved)."""
+  return os.path.join(workdir, "ckpt", entry["name"], "pretrain-" + os.path.basename(out).rsplit("-", 1)[-1])
+
+
+def _train_stage(entry: Mapping[str, Any], cfg: Any, fcfg: fit_lib.FitConfig, workdir: str, base: Any,
+                 sd: _StageData, checkpoint: FitCheckpointing | None) -> tuple[fit_lib.FitResult, float]:
+  """(the fitted prior, its source test MAE): `fit` on the source's host images (it keeps them on the device or
+  reads them through Grain, by memory), logging to the prior's TensorBoard run, resuming from `checkpoint`."""
+  name, p = entry["name"], entry["pretrain"]
+  mode = stage_fields(p)["mode"]
+  params = base.variables["params"]
+  optimizer = fit_lib.optimizer_for(ml_collections.ConfigDict(_plain(p.get("optim", cfg.optim))), params, mode)
+  state = step_lib.init_state({**base.variables, "params": jax.tree.map(jnp.asarray, params)}, optimizer, cfg.seed)
+  data, val_idx = sd.data, sd.val_idx
+  board = Logger(os.path.join(workdir, "tb", name), enabled=jax.process_index() == 0)  # the prior's run
+  on_losses, on_eval = fit_logging(board, "pretrain", f"the pre-training stage of prior {name}")
+  try:
+    result = fit_lib.fit(base.model, base.head_kind(), base.preprocess, optimizer, state, fcfg, mode,
+                         data.pool_images, data.pool_ages, sd.items,
+                         data.pool_images[val_idx] if len(val_idx) else None,
+                         data.pool_ages[val_idx] if len(val_idx) else None, seed=cfg.seed,
+                         progress=cfg.progress, desc=f"pretrain {name}", on_eval=on_eval,
+                         on_losses=on_losses, checkpoint=checkpoint)
+    predict = jax.jit(step_lib.make_predict(base.model, base.head_kind(), base.preprocess))
+    test_pred = step_lib.predict_padded(functools.partial(predict, result.params, result.batch_stats),
+                                        jnp.asarray(data.test_images), int(cfg.eval_batch_size),
+                                        cfg.data.crop)
+    source_mae = metrics_lib.mae(test_pred, data.test_ages)
+    board.scalar("pretrain/source_test_mae", source_mae, result.steps_run, f"Test MAE (years) on the source data "
+                 f"of the pre-training stage of prior {name}, at its best state. Step = optimiser steps run.")
+  finally:
+    board.close()
+  return result, source_mae
+
+
+def _stage_record(entry: Mapping[str, Any], out: str, sd: _StageData, result: fit_lib.FitResult, source_mae: float,
+                  target_ages: np.ndarray | None) -> dict[str, Any]:
+  """What `pretrain_stage.json` records of a finished stage."""
+  ages, items, train_idx = sd.data.pool_ages, sd.items, sd.train_idx
+  return {"name": entry["name"], "stage": os.path.basename(out), "definition": _plain(entry),
+          "mode": (sd.dist or {}).get("mode", "original"), "samples": int(len(items)),
+          "distinct_samples": int(len(np.unique(items))), "source_pool": int(len(train_idx)),
+          "val_images": int(len(sd.val_idx)), "steps_run": result.steps_run, "best_step": result.best_step,
+          "best_val_mae": result.best_val_mae, "stopped_early": result.stopped_early,
+          "wall_s": round(result.wall_s, 2), "loader": result.loader,
+          "source_test_mae": source_mae, "history": result.history,
+          "histograms": {"source": age_histogram(ages[train_idx]).tolist(),
+                         "resampled": age_histogram(ages[items]).tolist(),
+                         **({"target": age_histogram(target_ages).tolist()} if target_ages is not None else {})}}
+
+
+def _save_stage(out: str, stage: dict[str, Any], base: Any, sd: _StageData, result: fit_lib.FitResult) -> None:
+  """Writes the prior directory and its stage record (process 0: every process trained the same prior)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, STAGE_FILE), "w") as f:
+    json.dump(stage, f, indent=1, default=float)
+  variables = {"params": result.params, **({"batch_stats": result.batch_stats} if result.batch_stats else {})}
+  save_pretrained(out, base.spec, variables, base.preprocess,
+                  source={"format": "agejax-pretrain", "stage": os.path.basename(out), "steps": result.steps_run,
+                          "source_images": int(len(sd.items)), "source_test_mae": stage["source_test_mae"],
+                          "definition": stage["definition"]},
+                  training_data={"name": sd.data_cfg["name"], "synthetic": sd.data_cfg["name"] == "synthetic"})
+
+
+def pretrain_prior(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages: np.ndarray | None = None) -> str:
+  """Runs (or reuses) the pre-training stage of a prior entry; returns its prior directory.
+
+  An interrupted stage (SIGTERM: `Preempted`, or a crash) resumes from its latest checkpoint under
+  workdir/ckpt/NAME/ (config.checkpoint: enabled, every_steps, keep, async_save) and ends with the prior an
+  uninterrupted run makes; the checkpoints are removed once the prior is saved."""
+  from agejax.experiments.priors import resolve_prior
 
   name = entry["name"]
   out = stage_dir(entry, cfg, workdir, target_ages)
@@ -210,66 +329,19 @@ def pretrain_prior(entry: Mapping[str, Any], cfg: Any, workdir: str, target_ages
   if sharding_lib.same_choice(str(os.path.exists(os.path.join(out, METADATA_FILE))), ("False", "True")) == "True":
     log.info("prior %s: reusing pre-training stage %s", name, out)
     return out
-  p = entry["pretrain"]
-  fcfg = _fit_config(p, cfg)
-  data_cfg = {**_plain(cfg.data), **_plain(p["data"])}
-  _check_source(name, data_cfg)
+  fcfg = _fit_config(entry["pretrain"], cfg)
+  _check_source(name, {**_plain(cfg.data), **_plain(entry["pretrain"]["data"])})
   base = resolve_prior(_start(entry, cfg, workdir, target_ages), cfg.model, cfg.data.crop, cfg.seed)
-  data = load_study_data(data_cfg, cfg.seed + 1000)
-  dist = _plain(p.get("distribution")) or None
-  val_idx = np.zeros(0, np.int64)
-  train_idx = np.arange(len(data.pool_ages))
-  if p.get("stop", "fixed") == "converge":
-    val_size = int(p.get("val_size") or round(float(p.get("val_fraction", 0.1)) * len(train_idx)))
-    if val_size > len(train_idx) // 2:
-      log.warning("prior %s: val_size %d capped at half the source pool (%d)", name, val_size, len(train_idx) // 2)
-      val_size = len(train_idx) // 2
-    train_idx, val_idx = split_source(data.pool_ages, max(1, val_size), cfg.seed)
-    val_idx = _val_set(data.pool_ages, val_idx, dist, target_ages, cfg.seed)
-  items = train_idx[draw_training_set(data.pool_ages[train_idx], dist, target_ages, cfg.seed)]
-  mode = p.get("mode", "full")
-  params = base.variables["params"]
-  optimizer = make_optimizer(ml_collections.ConfigDict(_plain(p.get("optim", cfg.optim))),
-                             fit_lib.trainable(params, mode))
-  state = fit_lib.FitState(jax.tree.map(jnp.asarray, params), base.variables.get("batch_stats", {}),
-                           optimizer.init(fit_lib.trainable(params, mode)), jax.random.key(cfg.seed))
-  images, ages = jnp.asarray(data.pool_images), jnp.asarray(data.pool_ages)
-  val_images = images[jnp.asarray(val_idx)] if len(val_idx) else None
-  board = Logger(os.path.join(workdir, "tb", name), enabled=jax.process_index() == 0)  # the prior's run
-  on_losses, on_eval = fit_logging(board, "pretrain", f"the pre-training stage of prior {name}")
-  result = fit_lib.fit(base.model, base.head_kind(), base.preprocess, optimizer, state, fcfg, mode, images, ages,
-                       items, val_images, data.pool_ages[val_idx] if len(val_idx) else None, seed=cfg.seed,
-                       progress=cfg.get("progress", True), desc=f"pretrain {name}", on_eval=on_eval,
-                       on_losses=on_losses)
-  predict = fit_lib.make_predictor(base.model, base.head_kind(), base.preprocess)
-  test_pred = fit_lib.predict_images(predict, result.params, result.batch_stats, jnp.asarray(data.test_images),
-                                     cfg.data.crop, int(cfg.get("eval_batch_size", 64)))
-  source_mae = metrics_lib.mae(test_pred, data.test_ages)
-  board.scalar("pretrain/source_test_mae", source_mae, result.steps_run, f"Test MAE (years) on the source data of the "
-               f"pre-training stage of prior {name}, at its best state. Step = optimiser steps run.")
-  board.close()
+  sd = _stage_data(entry, cfg, target_ages)
+  ckpt_cfg = checkpoint_lib.CheckpointConfig.from_config(cfg)
+  ckpt_dir = checkpoint_dir(entry, workdir, out)
+  checkpoint = FitCheckpointing(ckpt_dir, ckpt_cfg, {"stage": os.path.basename(out)}) if ckpt_cfg.enabled else None
+  result, source_mae = _train_stage(entry, cfg, fcfg, workdir, base, sd, checkpoint)
   log.info("prior %s: pre-trained %d steps (best at %d%s) on %d samples of %d source images (%s), source test MAE "
            "%.3f", name, result.steps_run, result.best_step, ", stopped early" if result.stopped_early else "",
-           len(items), len(train_idx), (dist or {}).get("mode", "original"), source_mae)
-  stage = {"name": name, "stage": os.path.basename(out), "definition": _plain(entry),
-           "mode": (dist or {}).get("mode", "original"), "samples": int(len(items)),
-           "distinct_samples": int(len(np.unique(items))), "source_pool": int(len(train_idx)),
-           "val_images": int(len(val_idx)), "steps_run": result.steps_run, "best_step": result.best_step,
-           "best_val_mae": result.best_val_mae, "stopped_early": result.stopped_early,
-           "wall_s": round(result.wall_s, 2),
-           "source_test_mae": source_mae, "history": result.history,
-           "histograms": {"source": age_histogram(data.pool_ages[train_idx]).tolist(),
-                          "resampled": age_histogram(data.pool_ages[items]).tolist(),
-                          **({"target": age_histogram(target_ages).tolist()} if target_ages is not None else {})}}
-  if jax.process_index() == 0:  # every process trained the same prior; process 0 writes it
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, STAGE_FILE), "w") as f:
-      json.dump(stage, f, indent=1, default=float)
-    variables = {"params": result.params, **({"batch_stats": result.batch_stats} if result.batch_stats else {})}
-    save_pretrained(out, base.spec, variables, base.preprocess,
-                    source={"format": "agejax-pretrain", "stage": os.path.basename(out), "steps": result.steps_run,
-                            "source_images": int(len(items)), "source_test_mae": source_mae,
-                            "definition": _plain(entry)},
-                    training_data={"name": data_cfg["name"], "synthetic": data_cfg["name"] == "synthetic"})
+           len(sd.items), len(sd.train_idx), (sd.dist or {}).get("mode", "original"), source_mae)
+  _save_stage(out, _stage_record(entry, out, sd, result, source_mae, target_ages), base, sd, result)
   sharding_lib.barrier(f"pretrain:{os.path.basename(out)}")
+  if checkpoint is not None:
+    checkpoint_lib.remove_checkpoints(ckpt_dir)
   return out

@@ -13,6 +13,7 @@
 Pool items sharing a `group` (a base image and its rotated versions) are drawn together.
 `config.data.select` keeps only records whose fields match, e.g. {'race': (2,)} (UTKFace race codes) or
 {'gender': ('F',)}: a field of the record or of its `extra` dict, against a list of allowed values.
+A data section holds every field of agejax.configs.data_section (its defaults); a plain dict is accepted too.
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from agejax.data.records import AgeRecord, Rejections
@@ -59,19 +61,25 @@ class StudyData:
     return [order[bounds[i]:bounds[i + 1]] for i in range(self.num_bases)]
 
 
-def _require_root(cfg: Mapping[str, Any], field: str = "root") -> str:
-  root = cfg.get(field)
+def _section(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A data section as a ConfigDict (a pre-training stage passes its own data merged over config.data as a dict)."""
+  return cfg if isinstance(cfg, ml_collections.ConfigDict) else ml_collections.ConfigDict(dict(cfg))
+
+
+def _require_root(cfg: ml_collections.ConfigDict) -> str:
+  root = cfg.root
   if not root:
-    raise ConfigError(f"config.data.{field} is not set: point it at the {cfg.get('name')} dataset folder "
-                      f"(e.g. --config.data.{field}=/path/to/dataset)")
+    raise ConfigError(f"config.data.root is not set: point it at the {cfg.name} dataset folder "
+                      "(e.g. --config.data.root=/path/to/dataset)")
   if not os.path.exists(root):
-    raise ConfigError(f"config.data.{field}={root!r} does not exist: set it to the {cfg.get('name')} dataset folder")
+    raise ConfigError(f"config.data.root={root!r} does not exist: set it to the {cfg.name} dataset folder")
   return root
 
 
 def load_study_data(cfg: Mapping[str, Any], seed: int) -> StudyData:
   """Loads the pool and test set a config's `data` section describes."""
-  name = cfg.get("name")
+  cfg = _section(cfg)
+  name = cfg.name
   if name == "synthetic":
     return _synthetic(cfg, seed)
   if name in RECORD_SOURCES:
@@ -79,48 +87,48 @@ def load_study_data(cfg: Mapping[str, Any], seed: int) -> StudyData:
   raise ConfigError(f"unknown config.data.name {name!r}; expected one of {', '.join(SOURCES)}")
 
 
-def _synthetic(cfg: Mapping[str, Any], seed: int) -> StudyData:
-  size = cfg["resize"]
-  pool_x, pool_y = synthetic_dataset(cfg.get("pool_size", 400), size, seed=seed * 7 + 1, skew=cfg.get("skew", 0.0))
-  test_x, test_y = synthetic_dataset(cfg.get("test_size", 200), size, seed=seed * 7 + 2, skew=cfg.get("skew", 0.0))
+def _synthetic(cfg: ml_collections.ConfigDict, seed: int) -> StudyData:
+  size = cfg.resize
+  pool_x, pool_y = synthetic_dataset(cfg.pool_size, size, seed=seed * 7 + 1, skew=cfg.skew)
+  test_x, test_y = synthetic_dataset(cfg.test_size, size, seed=seed * 7 + 2, skew=cfg.skew)
   n = len(pool_y)
   return StudyData(pool_x, pool_y, np.arange(n), [f"synthetic/pool/{i:05d}" for i in range(n)], test_x, test_y,
                    None, [f"synthetic/test/{i:05d}" for i in range(len(test_y))], Rejections("skip"),
                    {"source": "synthetic (procedurally generated, not faces)"})
 
 
-def _records(cfg: Mapping[str, Any]) -> tuple[list[AgeRecord], Rejections]:
+def _records(cfg: ml_collections.ConfigDict) -> tuple[list[AgeRecord], Rejections]:
   from agejax.data.readers import load_dataset
 
   root = _require_root(cfg)
-  options = dict(cfg.get("reader_options", {}) or {})
-  ds = load_dataset(cfg["name"], root, policy=cfg.get("policy", "skip"), **options)
+  options = dict(cfg.reader_options or {})
+  ds = load_dataset(cfg.name, root, policy=cfg.policy, **options)
   if not ds.records:
-    raise ConfigError(f"config.data.root={root!r}: the {cfg['name']} reader found no usable images")
+    raise ConfigError(f"config.data.root={root!r}: the {cfg.name} reader found no usable images")
   return ds.records, ds.rejections
 
 
-def _split(cfg: Mapping[str, Any], records: list[AgeRecord], seed: int) -> tuple[list[int], list[int], dict]:
+def _split(cfg: ml_collections.ConfigDict, records: list[AgeRecord], seed: int) -> tuple[list[int], list[int], dict]:
   """Pool and test indices; duplicates never straddle the split."""
   from agejax.data.duplicates import distinct_images, exact_duplicate_groups, split_without_leaks
 
-  if cfg.get("split_lists"):  # the authors' fixed pool and test lists instead of a seeded split
+  if cfg.split_lists:  # the authors' fixed pool and test lists instead of a seeded split
     from agejax.data.split_lists import split_from_lists
 
-    return split_from_lists(records, cfg["split_lists"], cfg["name"])
-  if cfg.get("split_column") and any(r.split for r in records):
-    return _column_split(records, cfg.get("dedupe", True))
-  if cfg["name"] == "lap" or cfg.get("use_dataset_split"):
+    return split_from_lists(records, cfg.split_lists, cfg.name)
+  if cfg.split_column and any(r.split for r in records):
+    return _column_split(records, cfg.dedupe)
+  if cfg.name == "lap" or cfg.use_dataset_split:
     train = [i for i, r in enumerate(records) if r.split == "train"]
     test = [i for i, r in enumerate(records) if r.split in ("valid", "validation", "val")]
     if not train or not test:
       raise ConfigError("the dataset has no train/valid splits; unset config.data.use_dataset_split")
     rng = np.random.default_rng([seed, 11])
-    keep = int(round(len(train) * cfg.get("pool_fraction", 0.8)))
+    keep = int(round(len(train) * cfg.pool_fraction))
     pool = sorted(rng.choice(train, size=keep, replace=False).tolist())
-    return pool, test, {"split": "dataset's own train/valid", "pool_fraction": cfg.get("pool_fraction", 0.8)}
-  groups = exact_duplicate_groups([r.path for r in records]) if cfg.get("dedupe", True) else []
-  requested = cfg.get("test_size") or int(round(len(records) * cfg.get("test_fraction", 0.2)))
+    return pool, test, {"split": "dataset's own train/valid", "pool_fraction": cfg.pool_fraction}
+  groups = exact_duplicate_groups([r.path for r in records]) if cfg.dedupe else []
+  requested = cfg.test_size or int(round(len(records) * cfg.test_fraction))
   info = {"duplicate_groups": len(groups), "duplicate_copies": sum(len(g) - 1 for g in groups),
           "test_size_requested": requested}
   distinct = distinct_images(records, groups)
@@ -213,21 +221,20 @@ def select_records(records: list[AgeRecord], select: Mapping[str, Any] | None) -
   return [r for r in records if all(value(r, f) in ok for f, ok in allowed.items())]
 
 
-def _cache_dir(cfg: Mapping[str, Any]) -> str | None:
+def _cache_dir(cfg: ml_collections.ConfigDict) -> str | None:
   """The image cache folder of a data config (None: `cache_dir='none'`, no cache)."""
   from agejax.data.cache import default_cache_dir
 
-  cache_dir = cfg.get("cache_dir") or default_cache_dir()
+  cache_dir = cfg.cache_dir or default_cache_dir()
   return None if cache_dir == "none" else cache_dir
 
 
-def _decode(cfg: Mapping[str, Any], paths: list[str], rejections: Rejections) -> tuple[np.ndarray, np.ndarray]:
+def _decode(cfg: ml_collections.ConfigDict, paths: list[str], rejections: Rejections) -> tuple[np.ndarray, np.ndarray]:
   """(images, kept) of `paths` decoded, resized and framed as the data config says (agejax.data.cache)."""
   from agejax.data.cache import load_images
 
-  return load_images(paths, cfg["resize"], _cache_dir(cfg), resize=cfg.get("resize_mode", "squash"),
-                     rejections=rejections, pad_fraction=cfg.get("pad_fraction", 0.0),
-                     pad_mode=cfg.get("pad_mode", "edge"), crop_fraction=cfg.get("crop_fraction", 1.0))
+  return load_images(paths, cfg.resize, _cache_dir(cfg), resize=cfg.resize_mode, rejections=rejections,
+                     pad_fraction=cfg.pad_fraction, pad_mode=cfg.pad_mode, crop_fraction=cfg.crop_fraction)
 
 
 def _with_rotations(images: np.ndarray, angles: tuple[float, ...]) -> np.ndarray:
@@ -237,55 +244,62 @@ def _with_rotations(images: np.ndarray, angles: tuple[float, ...]) -> np.ndarray
   return np.concatenate([np.stack([im, *rotated_versions(im, angles)]) for im in images])
 
 
-def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
-
-  records, rejections = _records(cfg)
-  if cfg.get("select"):
+def _kept_records(cfg: ml_collections.ConfigDict, records: list[AgeRecord], seed: int) -> list[AgeRecord]:
+  """The records `select` keeps, then a seeded random `max_records` of them (0: all)."""
+  if cfg.select:
     n_read = len(records)
-    records = select_records(records, cfg["select"])
+    records = select_records(records, cfg.select)
     if not records:
-      raise ConfigError(f"config.data.select={dict(cfg['select'])!r} keeps none of the {n_read} records")
-    log.info("data: select %s keeps %d of %d records", dict(cfg["select"]), len(records), n_read)
-  if cfg.get("max_records"):
+      raise ConfigError(f"config.data.select={dict(cfg.select)!r} keeps none of the {n_read} records")
+    log.info("data: select %s keeps %d of %d records", dict(cfg.select), len(records), n_read)
+  if cfg.max_records:
     rng = np.random.default_rng([seed, 12])
-    keep = np.sort(rng.choice(len(records), size=min(cfg["max_records"], len(records)), replace=False))
+    keep = np.sort(rng.choice(len(records), size=min(cfg.max_records, len(records)), replace=False))
     records = [records[i] for i in keep]
+  return records
+
+
+def _limited_pool(cfg: ml_collections.ConfigDict, pool_idx: list[int], seed: int, info: dict) -> list[int]:
+  """A seeded random `pool_limit` of the pool (0: all), never its first files: the pool comes in file order, and
+  UTKFace's names start with the age, so its first 600 files are all aged 10-13 or 100+."""
+  if not cfg.pool_limit or len(pool_idx) <= cfg.pool_limit:
+    return pool_idx
+  rng = np.random.default_rng([seed, 13])
+  info["pool_limit"] = int(cfg.pool_limit)
+  return sorted(rng.choice(np.asarray(pool_idx), size=cfg.pool_limit, replace=False).tolist())
+
+
+def _from_records(cfg: ml_collections.ConfigDict, seed: int) -> StudyData:
   from agejax.data.cache import validate_images
 
+  records, rejections = _records(cfg)
+  records = _kept_records(cfg, records, seed)
   # Every record is decoded BEFORE duplicate grouping and the split (cached on disk, keyed by the file list and
   # size; cache_dir 'none' turns the cache off): an undecodable or empty file is rejected by name as a corrupt
   # image, so it never joins a duplicate group nor leaves a hole in the test set. When the config keeps only part
   # of the data (pool_limit, split_lists), every file is validated on a small decode and only the kept ones are
   # decoded at full size; otherwise the one full-size decode validates them.
-  cache_dir = _cache_dir(cfg)
-  decode = lambda paths, checked: _decode(cfg, paths, checked)  # noqa: E731
-
   paths = [r.path for r in records]
-  subset = bool(cfg.get("pool_limit") or cfg.get("split_lists"))
+  subset = bool(cfg.pool_limit or cfg.split_lists)
   if subset:
-    images, kept = None, validate_images(paths, cache_dir, rejections)
+    images, kept = None, validate_images(paths, _cache_dir(cfg), rejections)
   else:
-    images, kept = decode(paths, rejections)
+    images, kept = _decode(cfg, paths, rejections)
   records = [records[k] for k in kept]
   for line in rejections.summary():
     (log.warning if rejections.rejected else log.info)("data: %s", line)
   if not records:
-    raise ConfigError(f"config.data.root={cfg.get('root')!r}: none of the {cfg['name']} images decodes")
+    raise ConfigError(f"config.data.root={cfg.root!r}: none of the {cfg.name} images decodes")
   pool_idx, test_idx, info = _split(cfg, records, seed)
-  if cfg.get("pool_limit") and len(pool_idx) > cfg["pool_limit"]:
-    # A seeded random part of the pool, never its first files: the pool comes in file order, and UTKFace's names
-    # start with the age, so its first 600 files are all aged 10-13 or 100+.
-    rng = np.random.default_rng([seed, 13])
-    pool_idx = sorted(rng.choice(np.asarray(pool_idx), size=cfg["pool_limit"], replace=False).tolist())
-    info["pool_limit"] = int(cfg["pool_limit"])
+  pool_idx = _limited_pool(cfg, pool_idx, seed, info)
   rows = np.arange(len(records))
   if subset:  # already validated: a file that fails now changed meanwhile, and stops the run naming it
     needed = sorted(set(pool_idx) | set(test_idx))
-    images, _ = decode([records[i].path for i in needed], Rejections("strict"))
+    images, _ = _decode(cfg, [records[i].path for i in needed], Rejections("strict"))
     rows[needed] = np.arange(len(needed))
   pool_images, pool_recs = images[rows[np.asarray(pool_idx, np.int64)]], [records[i] for i in pool_idx]
   test_images, test_recs = images[rows[np.asarray(test_idx, np.int64)]], [records[i] for i in test_idx]
-  angles = tuple(cfg.get("rotation_angles", ()) or ())
+  angles = tuple(cfg.rotation_angles or ())
   pool_groups = np.arange(len(pool_recs))
   if angles:  # the paper stores every LAP training image with rotated versions, drawn together
     pool_images = _with_rotations(pool_images, angles)
@@ -293,10 +307,9 @@ def _from_records(cfg: Mapping[str, Any], seed: int) -> StudyData:
   pool_ages = np.repeat(np.array([r.age for r in pool_recs], np.float32), len(angles) + 1)
   sig = [r.age_std for r in test_recs]
   test_sigma = np.array(sig, np.float32) if all(s is not None for s in sig) else None
-  info.update(source=cfg["name"], root=cfg.get("root"), pool_bases=len(pool_recs), test=len(test_recs),
+  info.update(source=cfg.name, root=cfg.root, pool_bases=len(pool_recs), test=len(test_recs),
               rotations=len(angles), rejected=rejections.counts_by_reason(), rejected_files="data_report.json",
-              select={k: list(v) if isinstance(v, (list, tuple)) else v
-                      for k, v in dict(cfg.get("select") or {}).items()})
+              select={k: list(v) if isinstance(v, (list, tuple)) else v for k, v in dict(cfg.select or {}).items()})
   log.info("data: %d pool images (%d bases), %d test images", len(pool_images), len(pool_recs), len(test_recs))
   return StudyData(pool_images, pool_ages, pool_groups, [r.path for r in pool_recs], test_images,
                    np.array([r.age for r in test_recs], np.float32), test_sigma, [r.path for r in test_recs],
@@ -319,14 +332,14 @@ def check_view(overrides: Mapping[str, Any], where: str) -> None:
 def data_view(data: StudyData, study_cfg: Mapping[str, Any], view_cfg: Mapping[str, Any]) -> StudyData:
   """The same split framed as `view_cfg` says (its VIEW_FIELDS): the pool and test images decoded again when
   they differ from `study_cfg`'s, else `data` itself."""
-  merged = dict(view_cfg)
-  if all(merged.get(k) == dict(study_cfg).get(k) for k in VIEW_FIELDS) or data.info.get("source") == "synthetic":
+  merged, study_cfg = _section(view_cfg), _section(study_cfg)
+  view = {k: merged[k] for k in VIEW_FIELDS if merged[k] != study_cfg[k]}
+  if not view or data.info.get("source") == "synthetic":
     return data
-  angles = tuple(merged.get("rotation_angles", ()) or ())
+  angles = tuple(merged.rotation_angles or ())
   pool, _ = _decode(merged, data.pool_names, Rejections("strict"))
   if angles:  # the rotated versions follow each base image, as in _from_records
     pool = _with_rotations(pool, angles)
   test, _ = _decode(merged, data.test_names, Rejections("strict"))
-  view = {k: merged.get(k) for k in VIEW_FIELDS if merged.get(k) != dict(study_cfg).get(k)}
   log.info("data view %s: %d pool and %d test images decoded again", view, len(pool), len(data.test_names))
   return dataclasses.replace(data, pool_images=pool, test_images=test)

@@ -17,9 +17,8 @@ data_info.json, data_report.json, tb/ (TensorBoard) and diagnostics/ (agejax.rep
 skips the runs already in results.csv.
 """
 
-import csv
 import dataclasses
-import json
+import functools
 import logging
 import math
 import os
@@ -33,12 +32,13 @@ import numpy as np
 
 from agejax.engine import fit as fit_lib
 from agejax.engine import metrics as metrics_lib
-from agejax.engine.optim import make_optimizer
+from agejax.engine import step as step_lib
 from agejax.errors import ConfigError
 from agejax.experiments.priors import resolve_prior
 from agejax.experiments.study_data import StudyData, load_study_data
 from agejax.models.pretrained import save_pretrained
-from agejax.reports import diagnostics
+from agejax.reports import diagnostics, tables
+from agejax.reports import workdir as workdir_lib
 from agejax.reports.tensorboard import StudyBoard, fit_logging
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ MODES = ("frozen", "full")
 RESULT_FIELDS = ("run", "backbone", "arch", "mode", "test_mae", "plcc", "srocc", "cs5", "val_mae", "best_epoch",
                  "epochs_run", "stopped_early", "train_images", "val_images", "test_images", "trainable_params",
                  "backbone_max_change", "train_wall_s", "checkpoint")
-MODE_LABELS = {"frozen": "Linear layers fine-tuned", "full": "All layers fine-tuned"}
+TEXT_FIELDS = ("run", "backbone", "arch", "mode", "checkpoint")  # read back from results.csv as str
 
 
 @dataclasses.dataclass
@@ -72,11 +72,11 @@ def split_pool(data: StudyData, val_size: int, train_size: int, seed: int) -> tu
   return take(train_bases), take(val_bases)
 
 
-def load_splits(cfg: Mapping[str, Any], seed: int) -> tuple[dict[str, Split], StudyData]:
+def load_splits(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, Split], StudyData]:
   """Train / val / test splits of `config.data` (test from the study split, val from the pool)."""
   data = load_study_data(cfg, seed)
-  val_size = int(cfg.get("val_size") or round(float(cfg.get("val_fraction", 0.2)) * data.num_bases))
-  train_idx, val_idx = split_pool(data, val_size, int(cfg.get("train_size") or 0), seed)
+  val_size = int(cfg.val_size or round(float(cfg.val_fraction) * data.num_bases))
+  train_idx, val_idx = split_pool(data, val_size, int(cfg.train_size), seed)
   names = np.asarray(data.pool_names, dtype=object)[data.pool_groups]
   pool = lambda idx: Split(np.asarray(data.pool_images[idx]), data.pool_ages[idx], list(names[idx]))  # noqa: E731
   return {"train": pool(train_idx), "val": pool(val_idx),
@@ -84,7 +84,7 @@ def load_splits(cfg: Mapping[str, Any], seed: int) -> tuple[dict[str, Split], St
 
 
 def _check_backbones(cfg: Any) -> list[dict[str, Any]]:
-  entries = [dict(e) for e in cfg.get("backbones", [])]
+  entries = [dict(e) for e in cfg.backbones]
   if not entries:
     raise ConfigError("config.backbones is empty: give at least one backbone prior directory (made by "
                       "`python -m agejax.port`), e.g. the config's mobilenet_v2=DIR / lite0=DIR argument")
@@ -98,44 +98,6 @@ def _check_backbones(cfg: Any) -> list[dict[str, Any]]:
   if bad:
     raise ConfigError(f"config.modes has {bad}; expected a subset of {MODES}")
   return entries
-
-
-def _read_rows(path: str) -> list[dict[str, str]]:
-  if not os.path.exists(path):
-    return []
-  with open(path, newline="") as f:
-    return list(csv.DictReader(f))
-
-
-def _append_rows(path: str, rows: list[Mapping[str, Any]], fields: tuple[str, ...]) -> None:
-  new = not os.path.exists(path)
-  with open(path, "a", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-    if new:
-      writer.writeheader()
-    writer.writerows(rows)
-
-
-def _num(value: Any, decimals: int = 3) -> str:
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    return str(value)
-  return f"{v:.{decimals}f}" if math.isfinite(v) else "-"
-
-
-def table_markdown(rows: list[Mapping[str, Any]], title: str) -> str:
-  """The report's Table 2 layout: network and regime, test loss (MAE), PLCC, SROCC, plus CS@5 and timing."""
-  lines = [f"# {title}\n", "Test loss = MAE in years on the test set with the best-validation epoch's weights "
-           "(the report's loss column, 0.047-0.087, is on a different scale). PLCC / SROCC: Pearson / Spearman "
-           "correlation of predicted and true age.\n",
-           "| Network | Regime | Test loss (MAE) | PLCC | SROCC | CS@5 | val MAE | best epoch / run | train s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    lines.append(f"| {r['backbone']} | {MODE_LABELS.get(r['mode'], r['mode'])} | {_num(r['test_mae'])} | "
-                 f"{_num(r['plcc'])} | {_num(r['srocc'])} | {_num(r['cs5'])} | {_num(r['val_mae'])} | "
-                 f"{_num(r['best_epoch'], 1)} / {_num(r['epochs_run'], 1)} | {_num(r['train_wall_s'], 0)} |")
-  return "\n".join(lines) + "\n"
 
 
 def _has_batchnorm(entry: Mapping[str, Any]) -> bool:
@@ -165,19 +127,15 @@ class TransferStudy:
     self.predictions_path = os.path.join(workdir, diagnostics.PREDICTIONS_FILE)
 
   def write_inputs(self, splits: dict[str, Split], data: StudyData) -> None:
-    cfg = self.cfg
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2) if hasattr(cfg, "to_json_best_effort") else json.dumps(cfg))
-    data.rejections.write(os.path.join(self.workdir, "data_report.json"))
+    workdir_lib.write_config(self.workdir, self.cfg)
     info = {**data.info, **{f"{k}_images": len(s.ages) for k, s in splits.items()}}
-    with open(os.path.join(self.workdir, "data_info.json"), "w") as f:
-      json.dump(info, f, indent=2, default=str)
+    workdir_lib.write_data_files(self.workdir, data.rejections, info)
     for name, s in splits.items():
       diagnostics.write_split(os.path.join(self.workdir, "splits", f"{name}.txt"), s.names, s.ages)
 
   def optim_config(self, mode: str) -> ml_collections.ConfigDict:
     optim = ml_collections.ConfigDict(self.cfg.optim.to_dict())
-    lr = dict(self.cfg.get("lr", {}) or {})
+    lr = dict(self.cfg.lr)
     if mode in lr:
       optim.base_lr = float(lr[mode])
     return optim
@@ -186,10 +144,9 @@ class TransferStudy:
     cfg = self.cfg
     per_epoch = max(1, math.ceil(num_train / cfg.batch_size))
     return fit_lib.FitConfig(
-        batch_size=cfg.batch_size, crop=cfg.data.crop, epochs=float(cfg.epochs), mirror=cfg.data.get("mirror", True),
-        random_crop=cfg.data.get("random_crop", False), patience=int(cfg.get("patience", 0)),
-        stepsize=int(round(float(cfg.get("lr_decay_epochs", 0) or 0) * per_epoch)),
-        eval_batch_size=int(cfg.get("eval_batch_size", 64)))
+        batch_size=cfg.batch_size, crop=cfg.data.crop, epochs=float(cfg.epochs), mirror=cfg.data.mirror,
+        random_crop=cfg.data.random_crop, patience=int(cfg.patience),
+        stepsize=int(round(float(cfg.lr_decay_epochs) * per_epoch)), eval_batch_size=int(cfg.eval_batch_size))
 
   def train_one(self, entry: Mapping[str, Any], mode: str, splits: dict[str, Split], dev: dict[str, jax.Array],
                 tb: StudyBoard) -> tuple[dict[str, Any], np.ndarray]:
@@ -202,9 +159,8 @@ class TransferStudy:
                           cfg.data.crop, cfg.seed)
     params = jax.tree.map(jnp.asarray, prior.variables["params"])
     start_backbone = jax.device_get(params["backbone"])
-    optimizer = make_optimizer(self.optim_config(mode), fit_lib.trainable(params, mode))
-    state = fit_lib.FitState(params, prior.variables.get("batch_stats", {}),
-                             optimizer.init(fit_lib.trainable(params, mode)), jax.random.key(cfg.seed))
+    optimizer = fit_lib.optimizer_for(self.optim_config(mode), params, mode)
+    state = step_lib.init_state({**prior.variables, "params": params}, optimizer, cfg.seed)
     fcfg = self.fit_config(len(splits["train"].ages))
 
     board = tb.run(run)  # the run tb/RUN/: train/loss per step, train/val_mae, train/epoch, test/*
@@ -216,12 +172,12 @@ class TransferStudy:
                record.get("val_mae", float("nan")), " (best)" if improved else "")
 
     result = fit_lib.fit(prior.model, prior.head_kind(), prior.preprocess, optimizer, state, fcfg, mode,
-                         dev["train_images"], dev["train_ages"], np.arange(len(splits["train"].ages)),
+                         splits["train"].images, splits["train"].ages, np.arange(len(splits["train"].ages)),
                          dev["val_images"], splits["val"].ages, seed=cfg.seed, on_eval=on_eval, on_losses=on_losses,
-                         progress=self.is_main and cfg.get("progress", True), desc=run)
-    predict = fit_lib.make_predictor(prior.model, prior.head_kind(), prior.preprocess)
-    test_pred = fit_lib.predict_images(predict, result.params, result.batch_stats, dev["test_images"], cfg.data.crop,
-                                       fcfg.eval_batch_size)
+                         progress=self.is_main and cfg.progress, desc=run)
+    predict = jax.jit(step_lib.make_predict(prior.model, prior.head_kind(), prior.preprocess))
+    test_pred = step_lib.predict_padded(functools.partial(predict, result.params, result.batch_stats),
+                                        dev["test_images"], fcfg.eval_batch_size, cfg.data.crop)
     scores = metrics_lib.age_metrics(test_pred, splits["test"].ages)
     ckpt = os.path.join(self.workdir, "checkpoints", run)
     if self.is_main:
@@ -251,9 +207,10 @@ class TransferStudy:
     splits, data = load_splits(cfg.data, cfg.seed)
     if self.is_main:
       self.write_inputs(splits, data)
-    dev = {f"{k}_images": jnp.asarray(s.images) for k, s in splits.items()}
-    dev["train_ages"] = jnp.asarray(splits["train"].ages)
-    done = {r["run"] for r in _read_rows(self.results_path)}
+    # Validation and test images live on the device; the training set goes as host arrays, so `fit` keeps it on
+    # the device or reads it through Grain, by its memory estimate.
+    dev = {f"{k}_images": jnp.asarray(s.images) for k, s in splits.items() if k != "train"}
+    done = {r["run"] for r in tables.read_results(self.results_path, TEXT_FIELDS)}
     tb = StudyBoard(os.path.join(self.workdir, "tb"), enabled=self.is_main)
     for entry in entries:
       for mode in cfg.modes:
@@ -262,21 +219,19 @@ class TransferStudy:
           continue
         row, pred = self.train_one(entry, mode, splits, dev, tb)
         if self.is_main:
-          _append_rows(self.results_path, [row], RESULT_FIELDS)
+          tables.append_results(self.results_path, [row], RESULT_FIELDS)
           test = splits["test"]
           diagnostics.append_predictions(self.predictions_path, row["run"], test.names, test.ages, pred)
-    rows = _read_rows(self.results_path)
+    rows = tables.read_results(self.results_path, TEXT_FIELDS)
     if self.is_main:
-      table = table_markdown(rows, cfg.get("title", "Transfer learning: frozen vs full fine-tuning"))
-      with open(os.path.join(self.workdir, "table.md"), "w") as f:
-        f.write(table)
+      table = tables.write_transfer_table(self.workdir, rows, cfg.title)
       tb.text("table", table, 0)
-      if cfg.get("diagnostics", True):
+      if cfg.diagnostics:
         index = {name: i for i, name in enumerate(splits["test"].names)}
         lookup = lambda name: splits["test"].images[index[name]] if name in index else None  # noqa: E731
         diagnostics.run_diagnostics(self.workdir, image_lookup=lookup, logger=tb,
                                     split_ages={k: s.ages for k, s in splits.items()},
-                                    options=dict(cfg.get("diagnostics_options", {}) or {}))
+                                    options=dict(cfg.diagnostics_options))
     tb.close()
     return rows
 

@@ -16,10 +16,9 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from agejax.models.layers import ConvImpl, Padding
-from agejax.models.mobilenet import MBConv, conv_bn_unit, make_divisible, relu6
+from agejax.models.blocks import ConvBNSettings
+from agejax.models.mobilenet import make_divisible, mbconv_features, relu6
 
 # (expand ratio, kernel, first stride, output channels, repeats) of B0; Lite uses the same table.
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
@@ -73,7 +72,7 @@ def efficientnet_layout(
   return stem, blocks, head
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(ConvBNSettings):
   """EfficientNet features: global average pool of the 1x1 head conv, then dropout."""
 
   width_mult: float = 1.0
@@ -82,12 +81,6 @@ class EfficientNet(nn.Module):
   width: float = 1.0
   dropout: float = 0.2
   stochastic_depth: float = 0.2
-  padding: Padding = "torch"
-  bn_eps: float = 1e-5
-  bn_momentum: float = 0.9
-  bn_train: bool = True
-  conv_impl: ConvImpl = "lax"
-  dtype: jnp.dtype | None = None
 
   def layout(self) -> tuple[int, list[Block], int]:
     return efficientnet_layout(self.width_mult, self.depth_mult, self.lite, self.width)
@@ -95,16 +88,10 @@ class EfficientNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     act: Callable[[jax.Array], jax.Array] = relu6 if self.lite else nn.silu
-    unit = conv_bn_unit(self)
     stem, blocks, head = self.layout()
-    x = unit(stem, 3, 2, act=act, name="stem")(x.astype(self.dtype or jnp.float32), train)
-    for i, b in enumerate(blocks):
-      drop = self.stochastic_depth * i / len(blocks)
-      x = MBConv(b.cin, b.hidden, b.cout, b.kernel, b.stride, unit, act, b.squeeze, drop, self.conv_impl,
-                 name=f"blocks_{i}")(x, train)
-    x = unit(head, act=act, name="head_conv")(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    fields = [dict(cin=b.cin, hidden=b.hidden, cout=b.cout, kernel=b.kernel, stride=b.stride, squeeze=b.squeeze,
+                   drop_rate=self.stochastic_depth * i / len(blocks)) for i, b in enumerate(blocks)]
+    return mbconv_features(self, x, train, act, stem, fields, head, self.dropout)
 
 
 def variant_defaults(arch: str) -> dict:

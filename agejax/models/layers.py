@@ -17,23 +17,68 @@ Flax's own 'SAME' equals 'tf_same'; it differs from torch for stride-2 convs on 
   - 'patches': im2col + matmul; turns into a batched matmul under `jax.vmap` over trials instead of a
     grouped convolution.
 All three give the same values (tested); which is fastest depends on backend and shapes (`agejax.bench`).
-'auto' looks each layer's choice up in the plan that `agejax.models.conv_tuning` measured.
+A per-layer choice is a plan, `((signature_key, impl), ...)` (`agejax.engine.autotune` measures one, the model
+spec carries it as `backbone.conv_impl`): each Conv2D looks its own signature up in its own `impl`, 'canonical'
+where the plan does not name it. 'auto' (a layer not planned yet) computes as 'canonical' too.
 """
 
 import functools
-from collections.abc import Sequence
-from typing import Literal
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from agejax.models import conv_tuning
-
 Padding = Literal["torch", "tf_same", "valid"]
-ConvImpl = Literal["lax", "canonical", "patches", "auto"]
+Impl = Literal["lax", "canonical", "patches"]
+IMPLS: tuple[Impl, ...] = ("lax", "canonical", "patches")
+FALLBACK: Impl = "canonical"
+Signature = tuple  # (x_shape, kernel_shape, strides, pads, groups, dtype name)
+ConvPlan = tuple[tuple[str, Impl], ...]  # ((signature_key, impl), ...): hashable, so jit caches key on it
+ConvImpl = Impl | Literal["auto"] | ConvPlan
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def signature(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+              pads: Sequence[tuple[int, int]], groups: int, dtype: Any) -> Signature:
+  """What a convolution's speed depends on: shapes, strides, pads, groups and compute dtype."""
+  return (tuple(x_shape), tuple(kernel_shape), tuple(strides), tuple(tuple(p) for p in pads), int(groups),
+          jnp.dtype(dtype).name)
+
+
+def signature_key(sig: Signature) -> str:
+  """A signature as the JSON text that plans (and plan files) are keyed by."""
+  return json.dumps(sig)
+
+
+def signature_from_key(key: str) -> Signature:
+  x_shape, k_shape, strides, pads, groups, dtype = json.loads(key)
+  return signature(x_shape, k_shape, strides, pads, groups, dtype)
+
+
+def conv_plan(choices: Mapping[Any, str] | Sequence[Sequence[Any]]) -> ConvPlan:
+  """A plan from {signature or signature_key: impl} or (key, impl) pairs (a JSON round trip's lists)."""
+  pairs = choices.items() if isinstance(choices, Mapping) else choices
+  plan = tuple((k if isinstance(k, str) else signature_key(k), v) for k, v in pairs)
+  bad = sorted({v for _, v in plan if v not in IMPLS})
+  if bad:
+    raise ValueError(f"unknown convolution implementations {bad}; expected {IMPLS}")
+  return plan
+
+
+def conv_impl_attr(value: Any) -> ConvImpl:
+  """A spec's `conv_impl` as a Conv2D accepts it: a name, or a plan (a mapping or pairs) as a `ConvPlan`."""
+  return value if isinstance(value, str) else conv_plan(value)
+
+
+def resolve_impl(impl: ConvImpl | Mapping[str, str], sig: Signature) -> Impl:
+  """The implementation a convolution of signature `sig` computes with under `impl`."""
+  if isinstance(impl, str):
+    return FALLBACK if impl == "auto" else impl
+  return dict(impl).get(signature_key(sig), FALLBACK)
 
 
 def _same_pads(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -60,7 +105,7 @@ def conv_padding(
 
 def conv_nhwc(
     x: jax.Array, kernel: jax.Array, strides: Sequence[int], pads: Sequence[tuple[int, int]],
-    groups: int = 1, impl: ConvImpl = "lax",
+    groups: int = 1, impl: Impl = "lax",
 ) -> jax.Array:
   """NHWC x HWIO convolution, computed by XLA's conv or by patches + matmul."""
   if impl == "canonical" and groups == 1:
@@ -134,7 +179,7 @@ _canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
 
 
 class Conv2D(nn.Module):
-  """2-D convolution with an explicit padding convention and a selectable implementation."""
+  """2-D convolution with an explicit padding convention and a selectable implementation (a name or a plan)."""
 
   features: int
   kernel_size: tuple[int, int] = (3, 3)
@@ -155,10 +200,15 @@ class Conv2D(nn.Module):
         "kernel", self.kernel_init, (*self.kernel_size, cin // self.groups, self.features))
     pads = conv_padding(x.shape[1:3], self.kernel_size, self.strides, self.padding)
     dtype = self.dtype or x.dtype
-    impl = self.impl
-    if impl == "auto":
-      impl = conv_tuning.resolve(conv_tuning.signature(x.shape, kernel.shape, self.strides, pads, self.groups, dtype))
+    impl = resolve_impl(self.impl, conv_signature(self, x.shape, x.dtype))
     y = conv_nhwc(x.astype(dtype), kernel.astype(dtype), self.strides, pads, self.groups, impl)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
     return y
+
+
+def conv_signature(conv: Conv2D, x_shape: Sequence[int], x_dtype: Any) -> Signature:
+  """The signature of `conv` applied to an input of this shape and dtype."""
+  pads = conv_padding(x_shape[1:3], conv.kernel_size, conv.strides, conv.padding)
+  kernel_shape = (*conv.kernel_size, x_shape[-1] // conv.groups, conv.features)
+  return signature(x_shape, kernel_shape, conv.strides, pads, conv.groups, conv.dtype or x_dtype)

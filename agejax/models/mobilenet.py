@@ -3,19 +3,20 @@
 One module serves torchvision and Keras weights: `padding` and `bn_eps` are fields the converter sets
 ('torch' / 1e-5 for torchvision; 'tf_same' / 1e-3 for Keras, whose ZeroPadding2D + 'valid' stride-2
 convs equal TF 'SAME'). `bn_momentum` is Flax's (1 - torch momentum). `bn_train=False` freezes
-BatchNorm: running statistics are used and left untouched even in training.
+BatchNorm: running statistics are used and left untouched even in training (`agejax.models.blocks`).
 Layer names: `stem`, `blocks_{i}` (`expand`, `dwconv`, `project`), `head_conv`; each has `conv` and `bn`.
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from agejax.models.layers import Conv2D, ConvImpl, Padding
+from agejax.models.blocks import ConvBNSettings, batch_norm, settings
+from agejax.models.layers import Conv2D, ConvImpl
 
 ModuleDef = Any
 
@@ -34,7 +35,7 @@ def relu6(x: jax.Array) -> jax.Array:
   return jnp.clip(x, 0.0, 6.0)
 
 
-class ConvBN(nn.Module):
+class ConvBN(ConvBNSettings):
   """Conv (no bias) + BatchNorm + optional activation; `depthwise` makes one group per channel."""
 
   features: int
@@ -42,12 +43,6 @@ class ConvBN(nn.Module):
   stride: int = 1
   depthwise: bool = False
   act: Callable[[jax.Array], jax.Array] | None = None
-  padding: Padding = "torch"
-  bn_eps: float = 1e-5
-  bn_momentum: float = 0.9
-  bn_train: bool = True
-  conv_impl: ConvImpl = "lax"
-  dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -55,8 +50,7 @@ class ConvBN(nn.Module):
     x = Conv2D(self.features, (self.kernel, self.kernel), (self.stride, self.stride), padding=self.padding,
                groups=groups, use_bias=False, impl=self.conv_impl,
                dtype=self.dtype, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not (train and self.bn_train), momentum=self.bn_momentum,
-                     epsilon=self.bn_eps, dtype=self.dtype, name="bn")(x)
+    x = batch_norm(self, train, "bn")(x)
     return self.act(x) if self.act is not None else x
 
 
@@ -123,32 +117,34 @@ class SqueezeExcite(nn.Module):
     return x * jax.nn.sigmoid(s)
 
 
-def conv_bn_unit(module: nn.Module) -> ModuleDef:
+def conv_bn_unit(module: ConvBNSettings) -> ModuleDef:
   """ConvBN with a backbone's padding, BatchNorm and conv settings filled in."""
-  return functools.partial(ConvBN, padding=module.padding, bn_eps=module.bn_eps, bn_momentum=module.bn_momentum,
-                           bn_train=module.bn_train, conv_impl=module.conv_impl, dtype=module.dtype)
+  return functools.partial(ConvBN, **settings(module))
 
 
-class MobileNetV2(nn.Module):
+def mbconv_features(module: ConvBNSettings, x: jax.Array, train: bool, act: Callable[[jax.Array], jax.Array],
+                    stem: int, blocks: Sequence[Mapping[str, Any]], head: int, dropout: float) -> jax.Array:
+  """The MobileNetV2 / EfficientNet body, built under `module` (call it in its compact method): 3x3 stride-2
+  `stem` ConvBN, one MBConv per `blocks` entry (its fields but unit/act/conv_impl), 1x1 `head` ConvBN,
+  global average pool, dropout."""
+  unit = conv_bn_unit(module)
+  x = unit(stem, 3, 2, act=act, name="stem")(x.astype(module.dtype or jnp.float32), train)
+  for i, fields in enumerate(blocks):
+    x = MBConv(**fields, unit=unit, act=act, conv_impl=module.conv_impl, name=f"blocks_{i}")(x, train)
+  x = unit(head, act=act, name="head_conv")(x, train)
+  x = jnp.mean(x, axis=(1, 2))
+  return nn.Dropout(dropout, deterministic=not train)(x)
+
+
+class MobileNetV2(ConvBNSettings):
   """MobileNetV2 features: global average pool of the 1x1 head conv, then dropout."""
 
   width_mult: float = 1.0
   width: float = 1.0
   dropout: float = 0.2
-  padding: Padding = "torch"
-  bn_eps: float = 1e-5
-  bn_momentum: float = 0.9
-  bn_train: bool = True
-  conv_impl: ConvImpl = "lax"
-  dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    unit = conv_bn_unit(self)
     stem, blocks, head = mobilenet_v2_layout(self.width_mult, self.width)
-    x = unit(stem, 3, 2, act=relu6, name="stem")(x.astype(self.dtype or jnp.float32), train)
-    for i, (cin, hidden, cout, stride) in enumerate(blocks):
-      x = MBConv(cin, hidden, cout, 3, stride, unit, name=f"blocks_{i}")(x, train)
-    x = unit(head, act=relu6, name="head_conv")(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    fields = [dict(cin=cin, hidden=hidden, cout=cout, kernel=3, stride=stride) for cin, hidden, cout, stride in blocks]
+    return mbconv_features(self, x, train, relu6, stem, fields, head, self.dropout)

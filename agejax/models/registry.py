@@ -6,7 +6,8 @@ A model is described by a plain spec (a dict, stored in configs and prior metada
   head        an age head ('dex', 'regression', 'coral', ...; see heads.py) or 'classes'
   num_classes bins / ranks K of an age head (default 101), or the classes of a 'classes' head (1000 ImageNet)
   bin_values / decode / loss_options   age-head options (heads.age_head)
-  backbone    keyword arguments of the backbone (width, conv_impl, dropout, ...)
+  backbone    keyword arguments of the backbone (width, conv_impl, dropout, ...); conv_impl is a name
+              ('lax', 'canonical', 'patches', 'auto') or a per-layer plan {signature_key: impl} (`with_conv_plan`)
   head_init_std / regression_hidden / init_age   head options
 Variables are {'params': {'backbone': ..., 'head': ...}} plus 'batch_stats' for BatchNorm models.
 """
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax
 
 from agejax.models.heads import head_module
+from agejax.models.layers import Signature, conv_impl_attr, signature_key
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -42,9 +44,20 @@ def build_model(spec: Mapping[str, Any]) -> AgeModel:
   arch = spec["arch"]
   if arch not in BACKBONES:
     raise ValueError(f"unknown arch {arch!r}; known: {sorted(BACKBONES)}")
-  backbone = BACKBONES[arch](**dict(spec.get("backbone", {})))
+  kwargs = dict(spec.get("backbone", {}))
+  if "conv_impl" in kwargs:  # a plan (a mapping in the spec) becomes the hashable tuple Conv2D takes
+    kwargs["conv_impl"] = conv_impl_attr(kwargs["conv_impl"])
+  backbone = BACKBONES[arch](**kwargs)
   head = head_module(spec)  # head, num_classes, head_init_std, regression_hidden, init_age (age heads validated)
   return AgeModel(backbone=backbone, head=head, name=None)
+
+
+def with_conv_plan(spec: Mapping[str, Any], plan: Mapping[Signature, str]) -> dict[str, Any]:
+  """`spec` whose backbone computes each convolution as `plan` says ({signature: impl}, e.g. measured by
+  `agejax.engine.autotune.plan_model`; 'canonical' for a signature it does not name)."""
+  conv_impl = {signature_key(sig): impl for sig, impl in plan.items()}
+  conv_impl_attr(conv_impl)  # unknown implementations fail here, naming them
+  return {**spec, "backbone": {**dict(spec.get("backbone", {})), "conv_impl": conv_impl}}
 
 
 def _register_defaults() -> None:

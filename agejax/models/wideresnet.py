@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from agejax.models.layers import Conv2D, ConvImpl, Padding
+from agejax.models.blocks import KerasConvBNSettings, batch_norm, settings
+from agejax.models.layers import Conv2D
 from agejax.models.stages import stage_range
 
 # Keras' he_normal (yu4u's initialiser); ports overwrite it.
@@ -45,47 +46,33 @@ def wrn_layout(depth: int, widen_factor: int) -> list[tuple[str, int, int, int]]
   return blocks
 
 
-class WideBasic(nn.Module):
+class WideBasic(KerasConvBNSettings):
   """yu4u's pre-activation basic block (see the module docstring for the shortcut rule)."""
 
   features: int
   stride: int = 1
-  padding: Padding = "tf_same"
-  bn_eps: float = 1e-3
-  bn_momentum: float = 0.99
-  bn_train: bool = True
-  conv_impl: ConvImpl = "lax"
-  dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     project = x.shape[-1] != self.features
     if not project and self.stride != 1:
       raise ValueError(f"{self.name}: a stride-{self.stride} block must change the channel count")
-    bn = functools.partial(nn.BatchNorm, use_running_average=not (train and self.bn_train),
-                           momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype)
     conv = functools.partial(Conv2D, self.features, padding=self.padding, use_bias=False, impl=self.conv_impl,
                              kernel_init=_HE, dtype=self.dtype)
-    pre = nn.relu(bn(name="bn1")(x))
+    pre = nn.relu(batch_norm(self, train, "bn1")(x))
     y = conv((3, 3), (self.stride, self.stride), name="conv1")(pre)
-    y = nn.relu(bn(name="bn2")(y))
+    y = nn.relu(batch_norm(self, train, "bn2")(y))
     y = conv((3, 3), name="conv2")(y)
     shortcut = conv((1, 1), (self.stride, self.stride), name="shortcut")(pre) if project else x
     return y + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(KerasConvBNSettings):
   """WRN-depth-k features (see the module docstring); `__call__` runs stages `start`..`stop`."""
 
   depth: int = 16
   widen_factor: int = 8
   pool_size: int = 8
-  padding: Padding = "tf_same"
-  bn_eps: float = 1e-3
-  bn_momentum: float = 0.99
-  bn_train: bool = True
-  conv_impl: ConvImpl = "lax"
-  dtype: jnp.dtype | None = None
 
   def layout(self) -> list[tuple[str, int, int, int]]:
     return wrn_layout(self.depth, self.widen_factor)
@@ -98,18 +85,15 @@ class WideResNet(nn.Module):
                stop: str | None = None) -> jax.Array:
     x = x.astype(self.dtype or jnp.float32)
     blocks = {name: (cout, stride) for name, _, cout, stride in self.layout()}
-    bn_kw = dict(bn_eps=self.bn_eps, bn_momentum=self.bn_momentum, bn_train=self.bn_train)
     for stage in stage_range(self.stage_names(), start, stop):
       if stage == "stem":
         x = Conv2D(STEM_FEATURES, (3, 3), padding=self.padding, use_bias=False, impl=self.conv_impl,
                    kernel_init=_HE, dtype=self.dtype, name="stem")(x)
       elif stage in blocks:
         cout, stride = blocks[stage]
-        x = WideBasic(cout, stride, self.padding, conv_impl=self.conv_impl, dtype=self.dtype, name=stage,
-                      **bn_kw)(x, train)
+        x = WideBasic(cout, stride, name=stage, **settings(self))(x, train)
       elif stage == "final":
-        x = nn.relu(nn.BatchNorm(use_running_average=not (train and self.bn_train), momentum=self.bn_momentum,
-                                 epsilon=self.bn_eps, dtype=self.dtype, name="final_bn")(x))
+        x = nn.relu(batch_norm(self, train, "final_bn")(x))
       else:  # pool: Keras AveragePooling2D(pool, strides=1, padding='same') averages only the real cells
         k = (self.pool_size, self.pool_size)
         x = nn.avg_pool(x, k, strides=(1, 1), padding="SAME", count_include_pad=False)

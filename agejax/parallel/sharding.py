@@ -74,6 +74,36 @@ def mesh_for_group(config: MeshConfig | None, group_trials: int) -> Mesh | None:
   return _mesh(trial, config.data)
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+  """How the trials of one size form groups: every group runs on `mesh` (None: unsharded, one device per
+  process) and holds up to `group_size` trials (a sharded group is padded to it with copies of its last
+  trial, so all groups of the size share one program); `slices` are the groups' trials, in order."""
+
+  mesh: Mesh | None
+  group_size: int
+  slices: tuple[slice, ...]
+
+
+def group_layout(config: MeshConfig | None, strategy: str, num_trials: int, trial_chunk: int = 0) -> GroupLayout:
+  """The groups of a size of `num_trials` trials under a trial strategy, computed once per size.
+
+  'vmap' groups hold `trial_chunk` trials (0: all); 'map' puts all trials in one group (it maps over them
+  `trial_chunk` at a time); a 'loop' group holds one trial per device of the trial axis (the mesh chosen
+  for the whole size), one trial unsharded. On a mesh, the group size is a multiple of the trial axis."""
+  vmapped = min(trial_chunk or num_trials, num_trials)
+  nominal = 1 if strategy == "loop" else num_trials if strategy == "map" else vmapped
+  mesh = mesh_for_group(config, num_trials if strategy == "loop" else nominal)
+  size = round_up(nominal, 1 if mesh is None else mesh.shape["trial"])
+  return GroupLayout(mesh, size, tuple(_groups(num_trials, size)))
+
+
+def _groups(n: int, size: int) -> list[slice]:
+  """Consecutive slices of `n` trials, `size` at a time (all at once if `size` is 0 or over `n`)."""
+  size = max(1, min(size or n, n))
+  return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def mesh_of(tree: Any) -> Mesh | None:
   """The ('trial', 'data') mesh a pytree's arrays are sharded over, if any."""
   leaves = jax.tree.leaves(tree)

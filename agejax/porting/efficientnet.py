@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from agejax.errors import CheckpointError
-from agejax.models.efficientnet import VARIANTS, efficientnet_layout, variant_defaults
+from agejax.models.efficientnet import VARIANTS, Block, efficientnet_layout, variant_defaults
 from agejax.models.pretrained import LITE_RGB, TORCHVISION_RGB, Preprocess
-from agejax.porting.mobilenet import WeightMapper, keras_entries, torch_entries
+from agejax.porting.mobilenet import BlockNames, UnitNames, WeightMapper, map_mbconv_net
 
 # torchvision's (resize, crop) per B variant (IMAGENET1K_V1 weights).
 TORCHVISION_SIZES = {
@@ -40,73 +40,45 @@ def _tf_preprocess(base: Preprocess, arch: str) -> Preprocess:
   return dataclasses.replace(base, crop=crop, resize=int(round(crop * 256 / 224)))
 
 
-def _torchvision(path: str, arch: str) -> WeightMapper:
-  m = WeightMapper(torch_entries(path), path)
-  m.torch_conv("features.0.0", "stem/conv")
-  m.torch_bn("features.0.1", "stem/bn")
+def _torchvision_names(i: int, b: Block) -> dict[str, UnitNames]:
+  src = f"features.{b.stage + 1}.{b.index}.block"
+  parts = (["expand"] if b.hidden != b.cin else []) + ["dwconv", "se", "project"]
+  return {part: (f"{src}.{k}.fc1", f"{src}.{k}.fc2") if part == "se" else (f"{src}.{k}.0", f"{src}.{k}.1")
+          for k, part in enumerate(parts)}
+
+
+def _lite_names(i: int, b: Block) -> dict[str, UnitNames]:
+  src = f"_blocks.{i}."
+  return {"expand": (f"{src}_expand_conv", f"{src}_bn0"), "dwconv": (f"{src}_depthwise_conv", f"{src}_bn1"),
+          "se": (f"{src}_se_reduce", f"{src}_se_expand"), "project": (f"{src}_project_conv", f"{src}_bn2")}
+
+
+def _keras_names(i: int, b: Block) -> dict[str, UnitNames]:
+  src = f"block{b.stage + 1}{chr(ord('a') + b.index)}_"
+  return {"expand": (f"{src}expand_conv", f"{src}expand_bn"), "dwconv": (f"{src}dwconv", f"{src}bn"),
+          "se": (f"{src}se_reduce", f"{src}se_expand"), "project": (f"{src}project_conv", f"{src}project_bn")}
+
+
+BLOCK_NAMES = {"torchvision": _torchvision_names, "efficientnet-lite": _lite_names, "keras": _keras_names}
+
+
+def _end_names(fmt: str, blocks: list[Block]) -> tuple[UnitNames, UnitNames, str]:
+  """(stem, head conv, classifier) source names of a format."""
+  if fmt == "torchvision":
+    last = f"features.{max(b.stage for b in blocks) + 2}"
+    return ("features.0.0", "features.0.1"), (f"{last}.0", f"{last}.1"), "classifier.1"
+  if fmt == "efficientnet-lite":
+    return ("_conv_stem", "_bn0"), ("_conv_head", "_bn1"), "_fc"
+  return ("stem_conv", "stem_bn"), ("top_conv", "top_bn"), "predictions"
+
+
+def _map(fmt: str, path: str, arch: str) -> WeightMapper:
+  """The mapper of a torchvision, efficientnet-lite or Keras file."""
   _, blocks, _ = _layout(arch)
-  for i, b in enumerate(blocks):
-    src = f"features.{b.stage + 1}.{b.index}.block"
-    parts = (["expand"] if b.hidden != b.cin else []) + ["dwconv", "se", "project"]
-    for k, part in enumerate(parts):
-      dst = f"blocks_{i}/{part}"
-      if part == "se":
-        m.torch_conv(f"{src}.{k}.fc1", f"{dst}/fc1", bias=True)
-        m.torch_conv(f"{src}.{k}.fc2", f"{dst}/fc2", bias=True)
-      else:
-        m.torch_conv(f"{src}.{k}.0", f"{dst}/conv")
-        m.torch_bn(f"{src}.{k}.1", f"{dst}/bn")
-  last = max(b.stage for b in blocks) + 2
-  m.torch_conv(f"features.{last}.0", "head_conv/conv")
-  m.torch_bn(f"features.{last}.1", "head_conv/bn")
-  m.torch_linear("classifier.1")
-  return m
-
-
-def _lite(path: str, arch: str) -> WeightMapper:
-  m = WeightMapper(torch_entries(path), path)
-  m.torch_conv("_conv_stem", "stem/conv")
-  m.torch_bn("_bn0", "stem/bn")
-  _, blocks, _ = _layout(arch)
-  for i, b in enumerate(blocks):
-    src, dst = f"_blocks.{i}", f"blocks_{i}"
-    if b.hidden != b.cin:
-      m.torch_conv(f"{src}._expand_conv", f"{dst}/expand/conv")
-      m.torch_bn(f"{src}._bn0", f"{dst}/expand/bn")
-    m.torch_conv(f"{src}._depthwise_conv", f"{dst}/dwconv/conv")
-    m.torch_bn(f"{src}._bn1", f"{dst}/dwconv/bn")
-    if b.squeeze:
-      m.torch_conv(f"{src}._se_reduce", f"{dst}/se/fc1", bias=True)
-      m.torch_conv(f"{src}._se_expand", f"{dst}/se/fc2", bias=True)
-    m.torch_conv(f"{src}._project_conv", f"{dst}/project/conv")
-    m.torch_bn(f"{src}._bn2", f"{dst}/project/bn")
-  m.torch_conv("_conv_head", "head_conv/conv")
-  m.torch_bn("_bn1", "head_conv/bn")
-  m.torch_linear("_fc")
-  return m
-
-
-def _keras(path: str, arch: str) -> tuple[WeightMapper, Preprocess]:
-  entries = keras_entries(path)
-  m = WeightMapper(entries, path)
-  m.keras_conv("stem_conv", "stem/conv")
-  m.keras_bn("stem_bn", "stem/bn")
-  _, blocks, _ = _layout(arch)
-  for i, b in enumerate(blocks):
-    src, dst = f"block{b.stage + 1}{chr(ord('a') + b.index)}_", f"blocks_{i}"
-    if b.hidden != b.cin:
-      m.keras_conv(f"{src}expand_conv", f"{dst}/expand/conv")
-      m.keras_bn(f"{src}expand_bn", f"{dst}/expand/bn")
-    m.keras_depthwise(f"{src}dwconv", f"{dst}/dwconv/conv")
-    m.keras_bn(f"{src}bn", f"{dst}/dwconv/bn")
-    m.keras_conv(f"{src}se_reduce", f"{dst}/se/fc1", bias=True)
-    m.keras_conv(f"{src}se_expand", f"{dst}/se/fc2", bias=True)
-    m.keras_conv(f"{src}project_conv", f"{dst}/project/conv")
-    m.keras_bn(f"{src}project_bn", f"{dst}/project/bn")
-  m.keras_conv("top_conv", "head_conv/conv")
-  m.keras_bn("top_bn", "head_conv/bn")
-  m.keras_dense("predictions")
-  return m, _keras_normalization(m, arch)
+  names = [BlockNames(BLOCK_NAMES[fmt](i, b), b.hidden != b.cin, bool(b.squeeze)) for i, b in enumerate(blocks)]
+  stem, head, classifier = _end_names(fmt, blocks)
+  m = WeightMapper.read(path, "keras" if fmt == "keras" else "torch")
+  return map_mbconv_net(m, stem, names, head, classifier)
 
 
 def _keras_normalization(m: WeightMapper, arch: str) -> Preprocess:
@@ -127,7 +99,7 @@ def _keras_normalization(m: WeightMapper, arch: str) -> Preprocess:
   return _tf_preprocess(base, arch)
 
 
-def _layout(arch: str) -> tuple:
+def _layout(arch: str) -> tuple[int, list[Block], int]:
   v = variant_defaults(arch)
   return efficientnet_layout(v["width_mult"], v["depth_mult"], v["lite"])
 
@@ -141,19 +113,20 @@ def convert(fmt: str, src: str, arch: str, **options: Any) -> tuple[dict, Any, P
   if fmt == "torchvision":
     if lite:
       raise CheckpointError(f"torchvision has no {arch}; Lite weights come in the 'efficientnet-lite' format")
-    mapper = _torchvision(src, arch)
+    mapper = _map(fmt, src, arch)
     d = variant_defaults(arch)
     backbone = dict(padding="torch", bn_eps=d.get("bn_eps", 1e-5), bn_momentum=d.get("bn_momentum", 0.9))
     resize, crop = TORCHVISION_SIZES[arch]
     preprocess = dataclasses.replace(TORCHVISION_RGB, resize=resize, crop=crop)
   elif fmt == "efficientnet-lite":
-    mapper = _lite(src, arch)
+    mapper = _map(fmt, src, arch)
     backbone = tf_bn
     preprocess = _tf_preprocess(LITE_RGB, arch) if lite else _tf_preprocess(TORCHVISION_RGB, arch)
   elif fmt == "keras":
     if lite:
       raise CheckpointError(f"keras.applications has no {arch}; use the 'efficientnet-lite' format")
-    mapper, preprocess = _keras(src, arch)
+    mapper = _map(fmt, src, arch)
+    preprocess = _keras_normalization(mapper, arch)
     backbone = tf_bn
   else:
     raise CheckpointError(f"EfficientNet weights in format {fmt!r} are not supported; "

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,18 @@ def read_h5_weights(path: str) -> dict[str, list[tuple[str, np.ndarray]]]:
   except (OSError, KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path}: not a readable Keras HDF5 file (truncated or another format?): {e}") from e
   return layers
+
+
+def flat_weights(layers: Mapping[str, list[tuple[str, np.ndarray]]], path: str) -> dict[str, np.ndarray]:
+  """{'layer/short_name': array} from `read_h5_weights`' output; two weights of one layer alike named are an error."""
+  flat = {}
+  for layer, weights in layers.items():
+    for short, value in weights:
+      key = f"{layer}/{short}"
+      if key in flat:
+        raise CheckpointError(f"{path}: layer {layer} has two weights named {short!r}")
+      flat[key] = value
+  return flat
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,19 +154,12 @@ def _read_torch(src: str) -> dict[str, np.ndarray]:
 
 
 def _read_keras(src: str) -> dict[str, np.ndarray]:
-  from agejax.porting.keras_io import read_h5_weights
+  from agejax.porting.keras_io import flat_weights, read_h5_weights
   layers = read_h5_weights(src)
   if "fc1" not in layers or "predictions" not in layers:
     raise CheckpointError(f"{src}: no fc1/fc2/predictions layers; a VGG-16 prior needs the weights saved with "
                           "include_top=True")
-  flat = {}
-  for layer, weights in layers.items():
-    for name, array in weights:
-      key = f"{layer}/{name}"
-      if key in flat:
-        raise CheckpointError(f"{src}: layer {layer} holds two weights named {name!r}")
-      flat[key] = array
-  return flat
+  return flat_weights(layers, src)
 
 
 def caffe_head_layer(layers: list[Any], src: str, head_layer: str | None = None) -> str:

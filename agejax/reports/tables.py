@@ -2,7 +2,8 @@
 
 One row per (prior, training-set size, trial). The CSV is appended to as trials finish, so a resumed run adds
 its rows to the same file; when a trial appears twice (it was re-run after an interruption) the last row wins.
-Size 0 is the prior evaluated without fine-tuning.
+Size 0 is the prior evaluated without fine-tuning. The transfer study's rows (one per backbone and mode) go through
+the same CSV writer and reader, with its own columns, and `transfer_table_markdown` lays them out as Table 2.
 """
 
 import csv
@@ -27,9 +28,10 @@ Summary = dict[tuple[str, int], dict[str, tuple[float, float, int]]]
 TABLE_DDOF = 0
 
 
-def _header(rows: Sequence[Mapping[str, Any]], existing: Sequence[str] = ()) -> list[str]:
-  """RESULT_FIELDS, then the existing file's extra columns, then new extra columns in first-seen order."""
-  header = list(RESULT_FIELDS)
+def _header(rows: Sequence[Mapping[str, Any]], existing: Sequence[str] = (),
+            fields: Sequence[str] = RESULT_FIELDS) -> list[str]:
+  """`fields`, then the existing file's extra columns, then new extra columns in first-seen order."""
+  header = list(fields)
   for name in [*existing, *(k for row in rows for k in row)]:
     if name not in header:
       header.append(name)
@@ -46,10 +48,10 @@ def _cell(value: Any) -> str:
   return str(value)
 
 
-def _parse(name: str, text: str) -> Any:
+def _parse(name: str, text: str, text_fields: frozenset[str] = _STR_FIELDS) -> Any:
   if text == "":
     return None
-  if name in _STR_FIELDS:
+  if name in text_fields:
     return text
   if name in _INT_FIELDS:
     return int(float(text))
@@ -69,11 +71,13 @@ def _drop_partial_line(path: Path) -> None:
       f.truncate(data.rfind(b"\n") + 1)
 
 
-def append_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+def append_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
+                   fields: Sequence[str] = RESULT_FIELDS) -> Path:
   """Appends result rows to a CSV file, writing the header only when the file is new.
 
-  Columns are RESULT_FIELDS followed by any extra keys (e.g. 'train_loss', 'split_file'). A row with a column
-  the file lacks makes the file be rewritten once with the wider header; missing cells are left empty.
+  Columns are `fields` (the learning curve's RESULT_FIELDS by default) followed by any extra keys (e.g.
+  'train_loss', 'split_file'). A row with a column the file lacks makes the file be rewritten once with the wider
+  header; missing cells are left empty.
   """
   path = Path(path)
   rows = [dict(r) for r in rows]
@@ -83,7 +87,7 @@ def append_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -
     _drop_partial_line(path)
     with open(path, newline="") as f:
       existing = next(csv.reader(f), [])
-  header = _header(rows, existing)
+  header = _header(rows, existing, fields)
   if existing and header != existing:
     rows = read_results(path) + rows
     existing = []
@@ -99,8 +103,8 @@ def append_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -
   return path
 
 
-def read_results(path: str | os.PathLike) -> list[Row]:
-  """Reads result rows back with numbers as int/float, the prior as str, and empty cells as None."""
+def read_results(path: str | os.PathLike, text_fields: Iterable[str] = _STR_FIELDS) -> list[Row]:
+  """Reads result rows back with numbers as int/float, `text_fields` (the prior) as str, empty cells as None."""
   path = Path(path)
   if not path.exists():
     return []
@@ -109,7 +113,8 @@ def read_results(path: str | os.PathLike) -> list[Row]:
     header = next(reader, None)
     if header is None:
       return []
-    return [{k: _parse(k, v) for k, v in zip(header, line, strict=True)}
+    text_fields = frozenset(text_fields)
+    return [{k: _parse(k, v, text_fields) for k, v in zip(header, line, strict=True)}
             for line in reader if len(line) == len(header)]
 
 
@@ -198,3 +203,38 @@ def write_tables(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
     parts.append(table_markdown(rows, metric, ddof=ddof))
   path.write_text("\n".join(parts))
   return path
+
+
+# -- the transfer study (report Table 2) ----------------------------------------------------------------------
+TRANSFER_MODE_LABELS = {"frozen": "Linear layers fine-tuned", "full": "All layers fine-tuned"}
+
+
+def _num(value: Any, decimals: int = 3) -> str:
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    return str(value)
+  return f"{v:.{decimals}f}" if math.isfinite(v) else "-"
+
+
+def transfer_table_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
+  """The report's Table 2 layout: network and regime, test loss (MAE), PLCC, SROCC, plus CS@5 and timing."""
+  lines = [f"# {title}\n", "Test loss = MAE in years on the test set with the best-validation epoch's weights "
+           "(the report's loss column, 0.047-0.087, is on a different scale). PLCC / SROCC: Pearson / Spearman "
+           "correlation of predicted and true age.\n",
+           "| Network | Regime | Test loss (MAE) | PLCC | SROCC | CS@5 | val MAE | best epoch / run | train s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['backbone']} | {TRANSFER_MODE_LABELS.get(r['mode'], r['mode'])} | {_num(r['test_mae'])} | "
+                 f"{_num(r['plcc'])} | {_num(r['srocc'])} | {_num(r['cs5'])} | {_num(r['val_mae'])} | "
+                 f"{_num(r['best_epoch'], 1)} / {_num(r['epochs_run'], 1)} | {_num(r['train_wall_s'], 0)} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_transfer_table(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], title: str) -> str:
+  """Writes workdir/table.md in the Table 2 layout; returns its text (for TensorBoard)."""
+  text = transfer_table_markdown(rows, title)
+  path = Path(workdir) / "table.md"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  return text

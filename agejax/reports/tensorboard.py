@@ -201,8 +201,8 @@ def study_hparams(config: Any, prior: str, head: str, rows: Sequence[Mapping[str
   """The hparams of one (prior, size): prior, head, n, trials, steps, lr, strategy, freeze."""
   first = rows[0]
   return {"prior": prior, "head": str(head), "n": int(first["n_train"]), "trials": len(rows),
-          "steps": int(first.get("steps") or 0), "lr": float(config.optim.get("base_lr", math.nan)),
-          "strategy": str(first.get("strategy") or "none"), "freeze": str(config.trials.get("freeze", "none"))}
+          "steps": int(first.get("steps") or 0), "lr": float(config.optim.base_lr),
+          "strategy": str(first.get("strategy") or "none"), "freeze": str(config.trials.freeze)}
 
 
 def trial_tag(prior: str, n: int, trial: int | None = None) -> str:

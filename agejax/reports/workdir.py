@@ -6,13 +6,17 @@ would mix two studies in one table, so it stops with a one-line error naming the
 `config.overwrite=True` (then the old results, splits and checkpoints are removed first). Fields that change how
 a run is carried out but not its numbers (progress bars, devices, checkpoint cadence, strategy, reports) are
 not part of the fingerprint.
+
+The workdir's inputs are written here too, by every study: config.json (`write_config`), data_info.json and
+data_report.json (`write_data_files`), the fixed test list splits/test.txt (`write_test_split`) and each
+trial's training list splits/PRIOR/nNNNNN/trialTT.txt (`write_trial_split`, text from agejax.experiments.plan).
 """
 
 import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from agejax.errors import ConfigError
@@ -48,9 +52,12 @@ def fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in NOT_DEFINING_NESTED)}
 
 
-def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-  """'field (old -> new)' for every defining field whose value differs."""
-  a, b = fingerprint(old), fingerprint(new)
+def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any],
+                     defaults: Mapping[str, Any] | None = None) -> list[str]:
+  """'field (old -> new)' for every defining field whose value differs; a field of `new` that `old` lacks takes
+  its value in `defaults` (a config.json written before the field was declared ran with its default)."""
+  a, b, declared = fingerprint(old), fingerprint(new), fingerprint(defaults or {})
+  a |= {k: declared[k] for k in b.keys() - a.keys() if k in declared}
   out = []
   for key in sorted(set(a) | set(b)):
     if key not in a or key not in b or a[key] != b[key]:
@@ -71,12 +78,14 @@ def prepare_workdir(workdir: str, config: Any, results_file: str = "results.csv"
   saved = os.path.join(workdir, CONFIG_FILE)
   if not (os.path.exists(os.path.join(workdir, results_file)) and os.path.exists(saved)):
     return False
+  from agejax.configs import base_config
+
   with open(saved) as f:
     old = json.load(f)
-  diff = differing_fields(old, config)
+  diff = differing_fields(old, config, base_config())
   if not diff:
     return True
-  if config.get("overwrite", False):
+  if config.overwrite:
     log.warning("workdir %s: overwrite=True, removing the results of another config (%s)", workdir,
                 "; ".join(diff[:5]))
     for name in RESULT_OUTPUTS:
@@ -89,3 +98,55 @@ def prepare_workdir(workdir: str, config: Any, results_file: str = "results.csv"
   more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
   raise ConfigError(f"{workdir} holds results of another config: {'; '.join(diff[:5])}{more}; use a new --workdir, "
                     "or --config.overwrite=True to replace them")
+
+
+# -- the workdir's inputs -----------------------------------------------------------------------------------
+DATA_INFO_FILE = "data_info.json"
+DATA_REPORT_FILE = "data_report.json"
+SPLITS_DIR = "splits"
+
+
+def write_config(workdir: str, config: Any) -> str:
+  """Writes workdir/config.json (a ConfigDict's best-effort JSON, else `json.dumps` of a mapping); its path."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    f.write(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config))
+  return path
+
+
+def write_data_files(workdir: str, rejections: Any, info: Mapping[str, Any]) -> None:
+  """Writes workdir/data_report.json (`rejections.write`: agejax.data.records.Rejections) and data_info.json."""
+  os.makedirs(workdir, exist_ok=True)
+  rejections.write(os.path.join(workdir, DATA_REPORT_FILE))
+  with open(os.path.join(workdir, DATA_INFO_FILE), "w") as f:
+    json.dump(dict(info), f, indent=2, default=str)
+
+
+def split_lines(names: Iterable[str], ages: Iterable[float]) -> str:
+  """One `name<TAB>age` line per image, the age in %g (a split list's body)."""
+  return "".join(f"{name}\t{float(age):g}\n" for name, age in zip(names, ages, strict=True))
+
+
+def write_test_split(workdir: str, names: list[str], ages: Iterable[float]) -> str:
+  """Writes splits/test.txt, the learning curve's fixed test set (a '#' count line, then `split_lines`)."""
+  path = os.path.join(workdir, SPLITS_DIR, "test.txt")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(f"# fixed test set: {len(names)} images\n" + split_lines(names, ages))
+  return path
+
+
+def trial_split_file(prior: str, n: int, trial: int) -> str:
+  """A trial's training list, relative to the workdir (results.csv's `split_file`)."""
+  return os.path.join(SPLITS_DIR, prior, f"n{n:05d}", f"trial{trial:02d}.txt")
+
+
+def write_trial_split(workdir: str, prior: str, n: int, trial: int, text: str) -> str:
+  """Writes a trial's training list (`text`: agejax.experiments.plan.TrialRecord.split_text); its relative path."""
+  rel = trial_split_file(prior, n, trial)
+  path = os.path.join(workdir, rel)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  return rel

@@ -2,14 +2,7 @@
 
 import os
 
-from agejax.data.readers.common import (
-  check_root,
-  finish,
-  gender_code,
-  register,
-  valid_age,
-  walk_images,
-)
+from agejax.data.readers.common import check_root, finish, gender_code, named_images, register, valid_age
 from agejax.data.records import AgeRecord, Dataset, Rejections
 
 
@@ -32,11 +25,7 @@ def read_agedb(root: str, policy: str = "skip", min_age: float = 0, max_age: flo
   root = check_root(root)
   rej = Rejections(policy)
   records = []
-  for path, name in walk_images(root):
-    p = parse_name(name)
-    if p is None:
-      rej.reject(path, "file name not like 0_MariaCallas_35_f.jpg")
-      continue
+  for path, name, p in named_images(root, rej, parse_name, "0_MariaCallas_35_f.jpg"):
     if not valid_age(p["age"], rej, path, min_age, max_age):
       continue
     records.append(AgeRecord(path=path, age=p["age"], gender=p["gender"], subject=p["name"], source=name,

@@ -6,7 +6,7 @@ Crops live at `{split}/{file_name}_face.jpg`; the uncropped `{split}/{file_name}
 
 import os
 
-from agejax.data.readers.common import check_root, csv_table, finish, first_existing, parse_float, register, valid_age
+from agejax.data.readers.common import check_root, csv_rows, finish, first_existing, parse_float, register, valid_age
 from agejax.data.records import AgeRecord, Dataset, Rejections
 from agejax.errors import DatasetError
 
@@ -32,20 +32,10 @@ def read_appa_real(root: str, policy: str = "skip", label: str = "apparent", spl
 
 
 def _read_split(root, split, rej, label, prefer_crops, min_age, max_age) -> list[AgeRecord]:
-  name = f"gt_avg_{split}.csv"
-  header, rows = csv_table(os.path.join(root, name))
-  missing = [c for c in _NEEDED if c not in header]
-  if missing:
-    raise DatasetError(f"{os.path.join(root, name)}: header lacks {missing}")
-  idx = {h: j for j, h in enumerate(header)}
   records = []
-  for line, cells in rows:
-    where = f"{name}:{line}"
-    if len(cells) < len(header):
-      rej.reject(where, f"malformed row ({len(cells)} of {len(header)} columns)")
-      continue
-    file_name = cells[idx["file_name"]].strip()
-    avg, std, real = (parse_float(cells[idx[c]]) for c in _NEEDED[1:])
+  for where, row in csv_rows(os.path.join(root, f"gt_avg_{split}.csv"), rej, _NEEDED)[1]:
+    file_name = row["file_name"]
+    avg, std, real = (parse_float(row[c]) for c in _NEEDED[1:])
     if avg is None or std is None or real is None:
       rej.reject(where, "malformed row (age field not a number)")
       continue
@@ -59,7 +49,7 @@ def _read_split(root, split, rej, label, prefer_crops, min_age, max_age) -> list
       rej.reject(f"{where} ({file_name})", "missing file")
       continue
     extra = {"apparent_age_avg": avg, "apparent_age_std": std, "real_age": real}
-    if "num_ratings" in idx:
-      extra["num_ratings"] = parse_float(cells[idx["num_ratings"]])
+    if "num_ratings" in row:
+      extra["num_ratings"] = parse_float(row["num_ratings"])
     records.append(AgeRecord(path=img, age=age, age_std=age_std, split=split, source=where, extra=extra))
   return records

@@ -1,12 +1,15 @@
-"""Shared pieces of the readers: the format registry, age checks, file lookup and CSV sniffing."""
+"""Shared pieces of the readers: the format registry, age checks, file lookup and the one CSV row loop."""
 
 import csv
 import io
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from agejax.data.records import WARNING, Dataset, Rejections
+
+T = TypeVar("T")
 
 Reader = Callable[..., Dataset]
 REGISTRY: dict[str, Reader] = {}
@@ -80,6 +83,17 @@ def walk_images(root: str) -> Iterator[tuple[str, str]]:
       yield path, name
 
 
+def named_images(root: str, rej: Rejections, parse: Callable[[str], T | None],
+                 example: str) -> Iterator[tuple[str, str, T]]:
+  """(path, name, parse(name)) of every image under `root`; a name `parse` refuses (None) is rejected."""
+  for path, name in walk_images(root):
+    parsed = parse(name)
+    if parsed is None:
+      rej.reject(path, f"file name not like {example}")
+      continue
+    yield path, name, parsed
+
+
 def first_existing(candidates: list[str]) -> str | None:
   for c in candidates:
     if os.path.isfile(c):
@@ -88,7 +102,8 @@ def first_existing(candidates: list[str]) -> str | None:
 
 
 def read_text(path: str) -> str:
-  with open(path, encoding="utf-8-sig", errors="replace") as f:
+  """The file's text: a UTF-8 BOM dropped, undecodable bytes replaced, line endings kept for the csv module."""
+  with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
     return f.read()
 
 
@@ -112,14 +127,59 @@ def finish(name: str, root: str, records: list, rej: Rejections) -> Dataset:
   return Dataset(name=name, root=root, records=sorted(records, key=lambda r: r.path), rejections=rej)
 
 
+def numbered_rows(path: str) -> Iterator[tuple[int, list[str]]]:
+  """(line number, stripped cells) of every non-blank row of the CSV at `path`, delimiter sniffed."""
+  for i, row in enumerate(sniff_rows(read_text(path))):
+    cells = [c.strip() for c in row]
+    if any(cells):
+      yield i + 1, cells
+
+
 def csv_table(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
   """(lower-cased header, [(line number, cells)]) of a CSV with a header row; blank lines dropped."""
-  rows = sniff_rows(read_text(path))
-  numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+  numbered = list(numbered_rows(path))
   if not numbered:
     return [], []
-  header = [c.strip().lower() for c in numbered[0][1]]
-  return header, numbered[1:]
+  return [c.lower() for c in numbered[0][1]], numbered[1:]
+
+
+def _listed(names: Sequence[str]) -> str:
+  """The names quoted and joined as in prose: 'a', 'b' and 'c'."""
+  quoted = [repr(n) for n in names]
+  return " and ".join(quoted) if len(quoted) < 3 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def require_columns(header: list[str], required: Sequence[str], path: str) -> None:
+  """Raises DatasetError naming the file, the missing required columns and the columns found."""
+  from agejax.errors import DatasetError
+
+  missing = [c for c in required if c not in header]
+  if missing:
+    found = ", ".join(h for h in header if h) or "none (empty file)"
+    raise DatasetError(f"{path}: header must contain {_listed(required)}; missing {' and '.join(map(repr, missing))} "
+                       f"(columns found: {found})")
+
+
+def csv_rows(path: str, rej: Rejections,
+             required: Sequence[str] = ()) -> tuple[list[str], Iterator[tuple[str, dict[str, str]]]]:
+  """(header, rows) of a CSV with a header row: rows are ('file:line', {column: stripped cell}), read lazily.
+
+  The header must hold `required` (else DatasetError); a row with fewer cells than the header is rejected as
+  malformed under `rej`'s policy, in file order with the reader's own checks.
+  """
+  header, numbered = csv_table(path)
+  require_columns(header, required, path)
+  name = os.path.basename(path)
+
+  def rows() -> Iterator[tuple[str, dict[str, str]]]:
+    for line, cells in numbered:
+      where = f"{name}:{line}"
+      if len(cells) < len(header):
+        rej.reject(where, f"malformed row ({len(cells)} of {len(header)} columns)")
+        continue
+      yield where, dict(zip(header, cells))  # a repeated column name keeps its last cell
+
+  return header, rows()
 
 
 def csv_files(root: str) -> list[str]:

@@ -2,13 +2,7 @@
 
 import re
 
-from agejax.data.readers.common import (
-  check_root,
-  finish,
-  register,
-  valid_age,
-  walk_images,
-)
+from agejax.data.readers.common import check_root, finish, named_images, register, valid_age
 from agejax.data.records import AgeRecord, Dataset, Rejections
 
 NAME_RE = re.compile(r"(\d{3})a(\d{2})([ab]?)\.jpe?g", re.IGNORECASE)
@@ -20,11 +14,7 @@ def read_fgnet(root: str, policy: str = "skip", min_age: float = 0, max_age: flo
   root = check_root(root)
   rej = Rejections(policy)
   records = []
-  for path, name in walk_images(root):
-    m = NAME_RE.fullmatch(name)
-    if m is None:
-      rej.reject(path, "file name not like 078A11.JPG")
-      continue
+  for path, name, m in named_images(root, rej, NAME_RE.fullmatch, "078A11.JPG"):
     age = float(m.group(2))
     if not valid_age(age, rej, path, min_age, max_age):
       continue

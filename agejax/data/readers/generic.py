@@ -6,11 +6,12 @@ import os
 from agejax.data.readers.common import (
   check_root,
   csv_files,
-  csv_table,
+  csv_rows,
   finish,
   gender_code,
   parse_float,
   register,
+  require_columns,
   valid_age,
 )
 from agejax.data.records import AgeRecord, Dataset, Rejections
@@ -22,11 +23,7 @@ MISSING_SHOWN = 3  # missing image paths named in the 'no image found' error
 
 def check_header(header: list[str], csv: str) -> None:
   """Raises DatasetError naming the missing required columns and the columns found."""
-  missing = [c for c in REQUIRED if c not in header]
-  if missing:
-    found = ", ".join(h for h in header if h) or "none (empty file)"
-    raise DatasetError(f"{csv}: header must contain 'path' and 'age'; missing {' and '.join(map(repr, missing))} "
-                       f"(columns found: {found})")
+  require_columns(header, REQUIRED, csv)
 
 
 @register("csv", "generic")
@@ -46,23 +43,15 @@ def read_generic(root: str, policy: str = "skip", csv: str | None = None, min_ag
     if len(found) != 1:
       raise DatasetError(f"{root}: expected one CSV, found {len(found)}; pass csv=...")
     csv = found[0]
-  header, rows = csv_table(csv)
-  check_header(header, csv)
-  idx = {h: j for j, h in enumerate(header)}
-  name = os.path.basename(csv)
   rej = Rejections(policy)
   records, missing = [], []
-  for line, cells in rows:
-    where = f"{name}:{line}"
-    if len(cells) < len(header):
-      rej.reject(where, f"malformed row ({len(cells)} of {len(header)} columns)")
-      continue
-    row = {h: cells[j].strip() for h, j in idx.items()}
+  for where, row in csv_rows(csv, rej, REQUIRED)[1]:
     age, std_text = parse_float(row["age"]), row.get("age_std", "")
     std = parse_float(std_text) if std_text else None
     if age is None or (std_text and std is None):
       if strict_ages:
         bad = ("age", row["age"]) if age is None else ("age_std", std_text)
+        line = where.rpartition(":")[2]
         raise DatasetError(f"{csv}:{line}: {bad[0]} {bad[1]!r} is not a number")
       rej.reject(where, "malformed row (age or age_std not a number)")
       continue

@@ -14,7 +14,7 @@ import numpy as np
 from agejax.data.readers.common import (
   check_root,
   csv_files,
-  csv_table,
+  csv_rows,
   finish,
   gender_code,
   parse_float,
@@ -58,6 +58,18 @@ def _find_source(root: str, csv: str | None) -> tuple[str, str]:
   if len(csvs) == 1:
     return csvs[0], root
   raise DatasetError(f"{root}: no imdb.mat or wiki.mat, and {len(csvs)} CSV files (pass csv=...)")
+
+
+def _kept_image(image_root: str, rel: str, age: float, rej: Rejections, where: str, where_file: str,
+                min_age: float, max_age: float, check_files: bool) -> str | None:
+  """The image's path when `age` is in range and (under `check_files`) the file exists; else None, rejected."""
+  if not valid_age(age, rej, where, min_age, max_age):
+    return None
+  img = os.path.join(image_root, rel)
+  if check_files and not os.path.isfile(img):
+    rej.reject(where_file, "missing file")
+    return None
+  return img
 
 
 @register("imdb_wiki", "imdb", "wiki", "imdb_clean")
@@ -118,11 +130,8 @@ def _read_mat(path: str, image_root: str, rej: Rejections, face_score_min, requi
     if age is None:
       rej.reject(where_full, "bogus dob or photo_taken")
       continue
-    if not valid_age(age, rej, where_full, min_age, max_age):
-      continue
-    img = os.path.join(image_root, rel)
-    if check_files and not os.path.isfile(img):
-      rej.reject(where_full, "missing file")
+    img = _kept_image(image_root, rel, age, rej, where_full, where_full, min_age, max_age, check_files)
+    if img is None:
       continue
     extra = {"face_score": score, "second_face_score": second, "dob": float(col["dob"][i]),
              "photo_taken": int(col["photo_taken"][i])}
@@ -140,40 +149,30 @@ def _read_mat(path: str, image_root: str, rej: Rejections, face_score_min, requi
 def _read_csv(path: str, image_root: str, rej: Rejections, face_score_min, require_single_face, min_age, max_age,
               require_gender, check_files) -> list[AgeRecord]:
   """Cleaned variants: `genders,ages,img_paths` or IMDB-Clean `filename,age,gender,x_min,...`."""
-  header, rows = csv_table(path)
-  name = os.path.basename(path)
+  header, rows = csv_rows(path, rej)
   if {"genders", "ages", "img_paths"} <= set(header):
     path_col, age_col, gender_col = "img_paths", "ages", "genders"
   elif {"filename", "age"} <= set(header):
     path_col, age_col, gender_col = "filename", "age", "gender"
   else:
     raise DatasetError(f"{path}: header {header} is neither 'genders,ages,img_paths' nor 'filename,age,gender,...'")
-  idx = {h: j for j, h in enumerate(header)}
-  box = [c for c in ("x_min", "y_min", "x_max", "y_max") if c in idx]
-  split = split_from_name(name)
+  box = [c for c in ("x_min", "y_min", "x_max", "y_max") if c in header]
+  split = split_from_name(path)
   records = []
-  for line, cells in rows:
-    where = f"{name}:{line}"
-    if len(cells) < len(header):
-      rej.reject(where, f"malformed row ({len(cells)} of {len(header)} columns)")
-      continue
-    rel = cells[idx[path_col]].strip()
-    age = parse_float(cells[idx[age_col]])
+  for where, row in rows:
+    rel, age = row[path_col], parse_float(row[age_col])
     if age is None:
       rej.reject(where, "malformed row (age not a number)")
       continue
-    gender = gender_code(cells[idx[gender_col]], MAT_GENDER) if gender_col in idx else None
+    gender = gender_code(row[gender_col], MAT_GENDER) if gender_col in row else None
     if require_gender and gender is None:
       rej.reject(where, "unknown gender")
       continue
-    if not valid_age(age, rej, where, min_age, max_age):
-      continue
-    img = os.path.join(image_root, rel)
-    if check_files and not os.path.isfile(img):
-      rej.reject(f"{where} ({rel})", "missing file")
+    img = _kept_image(image_root, rel, age, rej, where, f"{where} ({rel})", min_age, max_age, check_files)
+    if img is None:
       continue
     extra = {}
     if len(box) == 4:
-      extra["face_box"] = [parse_float(cells[idx[c]]) for c in box]
+      extra["face_box"] = [parse_float(row[c]) for c in box]
     records.append(AgeRecord(path=img, age=age, gender=gender, split=split, source=where, extra=extra))
   return records

@@ -12,10 +12,9 @@ from agejax.data.readers.common import (
   csv_files,
   finish,
   first_existing,
+  numbered_rows,
   parse_float,
-  read_text,
   register,
-  sniff_rows,
   split_from_name,
   valid_age,
 )
@@ -57,12 +56,9 @@ def read_lap(root: str, policy: str = "skip", csv: str | list[str] | None = None
 
 def _read_gt(path, root, rej, split, images, prefer_crops, min_age, max_age) -> list[AgeRecord]:
   name = os.path.basename(path)
-  rows = sniff_rows(read_text(path))
   records = []
-  for i, cells in enumerate(rows):
-    line = i + 1
-    cells = [c.strip() for c in cells]
-    if not any(cells) or (i == 0 and _has_header(cells)):
+  for line, cells in numbered_rows(path):
+    if line == 1 and _has_header(cells):
       continue
     where = f"{name}:{line}"
     if len(cells) < 3 or not cells[0]:

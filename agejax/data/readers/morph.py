@@ -11,20 +11,21 @@ import re
 from agejax.data.readers.common import (
   check_root,
   csv_files,
+  csv_rows,
   csv_table,
   finish,
   gender_code,
+  named_images,
   parse_float,
   register,
   split_from_name,
   valid_age,
-  walk_images,
   warn,
 )
 from agejax.data.records import AgeRecord, Dataset, Rejections
-from agejax.errors import DatasetError
 
 NAME_RE = re.compile(r"(\d{6})_(\d{1,2})([MF])(\d{2})\.JPG", re.IGNORECASE)
+REQUIRED = ("photo", "age")
 
 
 def parse_date(text: str) -> str | None:
@@ -42,7 +43,7 @@ def read_morph(root: str, policy: str = "skip", csv: str | list[str] | None = No
   root = check_root(root)
   rej = Rejections(policy)
   if csv is None:
-    paths = [p for p in csv_files(root) if {"photo", "age"} <= set(csv_table(p)[0])]
+    paths = [p for p in csv_files(root) if set(REQUIRED) <= set(csv_table(p)[0])]
   else:
     paths = [csv] if isinstance(csv, str) else list(csv)
   if paths:
@@ -53,19 +54,9 @@ def read_morph(root: str, policy: str = "skip", csv: str | list[str] | None = No
 
 
 def _read_csv(path, root, rej, min_age, max_age) -> list[AgeRecord]:
-  name = os.path.basename(path)
-  header, rows = csv_table(path)
-  if not {"photo", "age"} <= set(header):
-    raise DatasetError(f"{path}: header {header} lacks 'photo' and 'age'")
-  idx = {h: j for j, h in enumerate(header)}
-  split = split_from_name(name)
+  split = split_from_name(path)
   records = []
-  for line, cells in rows:
-    where = f"{name}:{line}"
-    if len(cells) < len(header):
-      rej.reject(where, f"malformed row ({len(cells)} of {len(header)} columns)")
-      continue
-    row = {h: cells[j].strip() for h, j in idx.items()}
+  for where, row in csv_rows(path, rej, REQUIRED)[1]:
     photo, age = row["photo"], parse_float(row["age"])
     m = NAME_RE.search(os.path.basename(photo))
     if age is None or m is None:
@@ -90,11 +81,7 @@ def _read_csv(path, root, rej, min_age, max_age) -> list[AgeRecord]:
 
 def _read_names(root, rej, min_age, max_age) -> list[AgeRecord]:
   records = []
-  for path, name in walk_images(root):
-    m = NAME_RE.fullmatch(name)
-    if m is None:
-      rej.reject(path, "file name not like 092796_0M43.JPG")
-      continue
+  for path, name, m in named_images(root, rej, NAME_RE.fullmatch, "092796_0M43.JPG"):
     age = float(m.group(4))
     if not valid_age(age, rej, path, min_age, max_age):
       continue
