@@ -27,7 +27,7 @@ from jax import lax
 from tqdm import tqdm
 
 from agejax.engine import memory as memory_lib
-from agejax.engine.step import TrialState, init_state
+from agejax.engine.step import TrialState, make_initial_state
 from agejax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -184,18 +184,15 @@ class FrozenPrefix:
     crops = jnp.where(flip[:, None, None, None] > 0, crops[:, :, ::-1], crops)
     return lax.stop_gradient(self.prefix(variables, crops))
 
+  def draw_head(self, variables: Any, key: jax.Array) -> Any:
+    """A new head's parameters over the tail's features, drawn exactly as the full model's."""
+    del variables  # the head's shape comes from the prefix's feature size
+    return self.model.head.init(key, jnp.zeros((1, self.head_dim)))["params"]
+
   def initial_state(self, tx: optax.GradientTransformation) -> Callable[[int], TrialState]:
-    """seed -> a trial's starting state over the tail's variables (a new head drawn exactly as the full model's)."""
-
-    def start(variables: Any, seed: jax.Array) -> TrialState:
-      params = dict(variables["params"])
-      if self.new_head:
-        key = jax.random.fold_in(jax.random.key(seed), 3)
-        params["head"] = self.model.head.init(key, jnp.zeros((1, self.head_dim)))["params"]
-      return init_state({**variables, "params": params}, tx, seed)
-
-    start = jax.jit(start)
-    return lambda seed: start(self.tail_variables, jnp.asarray(seed, jnp.uint32))
+    """seed -> a trial's starting state over the tail's variables (`step.make_initial_state`)."""
+    start = make_initial_state(tx, self.draw_head if self.new_head else None)
+    return lambda seed: start(self.tail_variables, seed)
 
   def complete(self, variables: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's tail variables merged into the prior's, so a trial saves as a whole prior directory."""

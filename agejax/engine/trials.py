@@ -44,6 +44,7 @@ from agejax.engine.step import (  # noqa: F401
   center_crop,
   make_predict,
   make_step,
+  predict_padded,
   sample_order,
 )
 from agejax.models.pretrained import Preprocess
@@ -69,7 +70,6 @@ def make_train_chunk(model: Any, head: str, preprocess: Preprocess, tx: optax.Gr
     return lax.scan(body, state, (steps, batch_idx))
 
   return chunk
-
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
@@ -282,15 +282,7 @@ def evaluate(runner: TrialRunner, state: TrialState, test_images: jax.Array, cro
 
   `size` keeps the first `size` trials (drops a sharded group's padding); `crop` None: the test inputs are
   taken as they are (cached features), else centre-cropped."""
-  q = test_images.shape[0]
-  preds = []
-  for start in range(0, q, batch_size):
-    batch = test_images[start:start + batch_size]
-    n = batch.shape[0]
-    if n < batch_size:  # pad so every batch has one shape and compiles once
-      batch = jnp.concatenate([batch, jnp.repeat(batch[-1:], batch_size - n, axis=0)])
-    preds.append(runner.predict(state, batch if crop is None else center_crop(batch, crop))[:size, :n])
-  return np.concatenate(preds, axis=1)
+  return predict_padded(lambda batch: runner.predict(state, batch)[:size], test_images, batch_size, crop)
 
 
 def time_chunk(runner: TrialRunner, mesh: sharding_lib.MeshConfig | None,

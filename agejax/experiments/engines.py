@@ -87,7 +87,7 @@ def new_head_fn(prior: Prior, image_size: int,
   """`(variables, key) -> head params`: the paper's new head (gaussian std 0.01) for the prior's feature size, or
   over a frozen prefix's tail variables (drawn exactly as the full model's)."""
   if frozen:
-    return lambda variables, key: frozen.model.head.init(key, jnp.zeros((1, frozen.head_dim)))["params"]
+    return frozen.draw_head
   return lambda variables, key: init_head(prior.model, variables, image_size, key)
 
 
