@@ -53,11 +53,11 @@ def age_decoder(spec: Mapping[str, Any], where: str = "") -> Callable[[jax.Array
 
     def decode(outputs):
       age = head.decode(outputs)
-      if head.kind == "regression":
+      if not head.has_distribution:
         return age, None
       probs, bins = head.distribution(outputs)
       return age, _sd(probs, bins)
-    decode.has_sd = head.kind != "regression"
+    decode.has_sd = head.has_distribution
     return decode
 
   kind = spec.get("head")  # heads.py before age_head: 'dex' (bins 0..K-1 unless bin_values) and 'regression'

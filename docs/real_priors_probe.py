@@ -10,8 +10,9 @@ softmax loss of agejax.models.heads (`dldl_v2`, ...); PART is what trains: `head
 `bias` (the head's bias only) or `calib` (an output calibration a (E - 33) + 33 + b of the expected age E, starting
 at a = 1, b = 0, trained by L1 with the head fixed). The split is configs/utkface.py's (a seeded pool of --pool
 images, --test test images); trial t of size n draws its n images and its batches from the seed (t, n), mirrored at
-random; 5 n steps (at least 20) of 10 images. Prints the test MAE (mean +- SD over trials) per size; `--bands` first
-prints the untouched net's test MAE and mean signed error per age band.
+random; 5 n steps (at least 20) of 10 images, for each of --sizes (default 3 12 48 192) with --trials trials.
+Prints the test MAE (mean +- SD over trials) per size; `--bands` first prints the untouched net's test MAE and mean
+signed error per age band.
 """
 
 import argparse
@@ -32,7 +33,7 @@ from agejax.models.heads import age_head  # noqa: E402
 from agejax.models.pretrained import read_prior_metadata  # noqa: E402
 from configs import utkface  # noqa: E402
 
-SIZES = (3, 12, 48, 192)  # images per trial
+SIZES = (3, 12, 48, 192)  # images per trial (--sizes)
 BANDS = (0, 3, 13, 20, 30, 40, 50, 60, 70, 80, 200)  # age band edges of --bands
 CENTRE = 33.0  # the calibration's fixed point, about UTKFace's mean age (a changes the spread around it)
 
@@ -84,9 +85,12 @@ def main() -> None:
   ap.add_argument("--pool", type=int, default=400)
   ap.add_argument("--test", type=int, default=300)
   ap.add_argument("--settings", nargs="+", required=True)
-  ap.add_argument("--trials", type=int, nargs=4, default=(16, 8, 4, 2), help="trials at 3, 12, 48, 192 images")
+  ap.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="images per trial (at most --pool)")
+  ap.add_argument("--trials", type=int, nargs="+", default=(16, 8, 4, 2), help="trials at each of --sizes")
   ap.add_argument("--bands", action="store_true", help="first the untouched net's test errors per age band")
   args = ap.parse_args()
+  if len(args.trials) != len(args.sizes) or max(args.sizes) > args.pool:
+    raise SystemExit(f"--trials needs one count per size ({len(args.sizes)}), and --sizes at most --pool ({args.pool})")
   cfg = utkface.get_config("runlocal")
   cfg.data.update(pool_limit=args.pool, test_size=args.test, pad_fraction=args.pad, pad_mode="reflect")
   data = load_study_data(cfg.data, 0)
@@ -112,7 +116,7 @@ def main() -> None:
       loss_fn = lambda p, x, y, head_loss=head_loss: head_loss(outputs(p["head"], x), y)  # noqa: E731
     params0, mask = trained_part(part, start)
     cells = []
-    for n, trials in zip(SIZES, args.trials):
+    for n, trials in zip(args.sizes, args.trials):
       steps, tx = max(20, 5 * n), solver(kind, float(lr), n)
       idx, flip = np.zeros((trials, steps, 10), np.int32), np.zeros((trials, steps, 10), bool)
       for t in range(trials):

@@ -89,8 +89,36 @@ def test_utkface_config_age_priors():
   assert c.data.crop == 64 and (c.data.pad_fraction, c.data.pad_mode, c.data.crop_fraction) == (0.0, "edge", 1.0)
   assert c.priors[0]["optim"]["base_lr"] == 1e-4 and c.priors[0]["optim"]["name"] == "caffe_sgd"  # the paper's
   assert c.priors[0]["freeze"] == "none" and c.priors[2]["freeze"] == "none"  # whole networks off the CPU
+  # the -tuned priors train around a calibration of the kept head's age (docs/real_priors.md)
+  assert [p.get("head_options") for p in c.priors] == [None, {"calibrate": 33.0}, None, {"calibrate": 33.0}]
   local = utkface.get_config("runlocal,wrn=/p/wrn,dlib=/p/dlib,scratch=False")
   assert [p["freeze"] for p in local.priors] == ["backbone", "backbone", "none", "backbone"]
   assert [row[0] for row in local.sizes] == [3, 6, 9, 12, 24, 49] and local.sizes[0] == (3, 32, 3, 15)
   with pytest.raises(ValueError, match="64 px"):
     utkface.get_config("wrn=/p/wrn,res=224")
+
+
+def test_calibration_variants_config():
+  """docs/real_priors_variants.py: the study's runlocal data and sizes, one entry per variant, each from its prior."""
+  import importlib.util
+  import pathlib
+
+  from configs import utkface
+
+  path = pathlib.Path(__file__).parents[1] / "docs" / "real_priors_variants.py"
+  spec = importlib.util.spec_from_file_location("real_priors_variants", path)
+  variants = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(variants)
+  c = variants.get_config("wrn=/p/wrn,dlib=/p/dlib")
+  names = [p["name"] for p in c.priors]
+  assert names == ["wrn-head", "wrn-calib", "wrn-calib-head", "dlib-head", "dlib-calib", "dlib-calib-1e-3",
+                   "dlib-calib-head"]
+  assert [p["dir"] for p in c.priors] == ["/p/wrn"] * 3 + ["/p/dlib"] * 4
+  assert [p["data"]["pad_fraction"] for p in c.priors] == [0.4] * 3 + [0.0] * 4
+  assert all(p["freeze"] == "backbone" for p in c.priors) and c.data.pool_limit == 600
+  tuned = {p["name"]: p for p in utkface.get_config("runlocal,wrn=/p/wrn,dlib=/p/dlib,paper=False").priors}
+  for variant, prior in (("wrn-calib-head", "wrn-tuned"), ("dlib-calib", "dlib-tuned")):  # the config's choices
+    entry = c.priors[names.index(variant)]
+    assert (entry["optim"], entry["head_options"]) == (tuned[prior]["optim"], tuned[prior]["head_options"])
+  with pytest.raises(ValueError, match="wrn=DIR and/or dlib=DIR"):
+    variants.get_config("")

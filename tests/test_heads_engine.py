@@ -9,6 +9,7 @@ import pytest
 
 from agejax.data.synthetic import synthetic_dataset
 from agejax.engine import trials as T
+from agejax.engine.fit import FROZEN_BACKBONE
 from agejax.engine.optim import make_optimizer
 from agejax.errors import ConfigError
 from agejax.experiments import plan
@@ -17,7 +18,8 @@ from agejax.experiments.priors import resolve_prior
 from agejax.main import run_config
 from agejax.models import register_backbone, save_pretrained
 from agejax.models.heads import AGE_KINDS, AgeHead
-from configs import demo
+from agejax.predict import age_decoder
+from configs import demo, utkface
 
 RES = 12
 PRE = {"channel_order": "RGB", "scale": 1.0}
@@ -46,9 +48,9 @@ def pool():
   return jnp.asarray(x), jnp.asarray(y)
 
 
-def _engine(prior):
+def _engine(prior, rules=((".*", 1.0, 1.0),)):
   """(chunk, predict, start): one trial's compiled pieces, shared by the strategies."""
-  opt = make_optimizer(ml_collections.ConfigDict(dict(name="adam", base_lr=1e-2, gamma=0.1, rules=((".*", 1.0, 1.0),))),
+  opt = make_optimizer(ml_collections.ConfigDict(dict(name="adam", base_lr=1e-2, gamma=0.1, rules=rules)),
                        prior.variables["params"])
   chunk = T.make_train_chunk(prior.model, prior.head_kind(), prior.preprocess, opt, T.StepConfig(4, RES))
   return chunk, T.make_predict(prior.model, prior.head_kind(), prior.preprocess), trial_starter(prior, opt, RES)
@@ -122,6 +124,50 @@ def test_kept_dex_head_switches_loss_and_decoder(tmp_path):
   with pytest.raises(ConfigError, match=r"head_options\.num_classes is fixed by the kept head"):
     resolve_prior({"name": "k", "dir": str(tmp_path / "p"), "head": "keep", "head_options": {"num_classes": 7}},
                   {}, RES, 0)
+
+
+def test_calibrated_kept_head(tmp_path, pool):
+  """A kept head with `calibrate` starts as the kept head, and trained alone (configs/utkface.py's dlib-tuned
+  rules) moves only its scale and shift, trial i vmapped == lone trial i; a saved calibrated prior loads as it is."""
+  source = resolve_prior({"name": "s", "model": {**MODEL, "num_classes": 9}, "head": "keep"}, {"preprocess": PRE},
+                         RES, 0)
+  save_pretrained(str(tmp_path / "p"), {**MODEL, "num_classes": 9}, source.variables, source.preprocess)
+  entry = {"name": "c", "dir": str(tmp_path / "p"), "head": "keep", "head_options": {"calibrate": 3.0}}
+  calibrated = resolve_prior(entry, {}, RES, 0)
+  head = calibrated.head_kind()
+  assert (head.calibration, head.num_outputs, head.has_distribution) == (3.0, 1, False)
+  x = pool[0][:8, 1:-1, 1:-1]
+  untouched = source.head_kind().decode(source.model.apply(source.variables, source.preprocess(x)))
+  start = head.decode(calibrated.model.apply(calibrated.variables, calibrated.preprocess(x)))
+  np.testing.assert_allclose(start, untouched, rtol=1e-6)  # scale 1, shift 0: the kept head's own ages
+  assert not np.allclose(untouched, untouched[0])
+
+  engine = _engine(calibrated, rules=((FROZEN_BACKBONE, 0.0, 0.0), *utkface.CALIBRATION_ONLY))
+  loss_v, params_v, _ = _trials(engine, "vmap", [0, 1, 2], pool)
+  loss_l, params_l, _ = _trials(engine, "loop", [0, 1, 2], pool)
+  np.testing.assert_allclose(loss_v, loss_l, rtol=1e-5, atol=1e-5)
+  kept_inner = source.variables["params"]["head"]
+  for t in range(3):
+    jax.tree.map(np.testing.assert_array_equal, params_v[t]["head"]["inner"], kept_inner)  # frozen
+    jax.tree.map(np.testing.assert_array_equal, params_v[t]["backbone"], source.variables["params"]["backbone"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_v[t], params_l[t])
+  moved = np.array([[p["head"]["scale"], p["head"]["shift"]] for p in params_v])
+  assert (np.abs(moved - [1.0, 0.0]) > 1e-3).all() and not np.allclose(moved[0], moved[1])
+
+  save_pretrained(str(tmp_path / "q"), calibrated.spec, {"params": params_v[0]}, calibrated.preprocess)
+  again = resolve_prior({"name": "q", "dir": str(tmp_path / "q"), "head": "keep"}, {}, RES, 0)
+  assert again.head_kind().calibration == 3.0 and again.variables["params"]["head"]["scale"] == moved[0, 0]
+  assert "calibrate" not in resolve_prior({"name": "n", "dir": str(tmp_path / "q"), "head": "new"}, {}, RES, 0).spec
+  with pytest.raises(ConfigError, match=r"head_options\.calibrate is fixed by the kept head"):
+    resolve_prior({"name": "q", "dir": str(tmp_path / "q"), "head": "keep", "head_options": {"calibrate": 30.0}},
+                  {}, RES, 0)
+  with pytest.raises(ConfigError, match=r"priors\[c\] \(dex head\): calibrate must be .* got 'mean'"):
+    resolve_prior({**entry, "head_options": {"calibrate": "mean"}}, {}, RES, 0)
+  with pytest.raises(ConfigError, match="a calibrated head predicts one age"):
+    head.distribution(jnp.zeros((2, 1)))
+  decode = age_decoder(again.spec)  # agejax.predict / agejax.export: an age, no SD
+  age, sd = decode(jnp.array([[41.5]]))
+  assert not decode.has_sd and sd is None and float(age[0]) == 41.5
 
 
 def test_every_head_gets_the_same_draws(tmp_path, monkeypatch):

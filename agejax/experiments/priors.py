@@ -11,8 +11,10 @@ A prior entry (`config.priors[i]`) has:
           softmax head (K logits: dex, dldl, ...) can switch to another softmax kind: the same K logits, bins
           and weights, trained by another loss;
   head_options  spec fields of the head: `decode` ('expectation' / 'median'), loss options (sigma, lambda_l1,
-          lambda_mean, lambda_variance, phi, scale, mean_over_tasks, norm), and for a new head `num_classes`
-          (default 101), `bin_values`, `head_init_std`, `init_age`, `regression_hidden`;
+          lambda_mean, lambda_variance, phi, scale, mean_over_tasks, norm), `calibrate` (a centre in years: the
+          head's age a becomes scale (a - centre) + centre + shift, starting at 1 and 0, trained by L1;
+          heads.CalibratedHead), and for a new head `num_classes` (default 101), `bin_values`,
+          `head_init_std`, `init_age`, `regression_hidden`;
   backbone_overrides  fields merged into the backbone spec (conv_impl, dtype, bn_train, dropout).
 
 A trial's draws (training subset, sample order, augmentation and dropout keys) depend only on the size and the
@@ -51,7 +53,7 @@ class Prior:
 
 
 NEW_HEAD_FIELDS = ("num_classes", "bin_values", "head_init_std", "init_age", "regression_hidden")
-HEAD_FIELDS = ("decode",) + NEW_HEAD_FIELDS
+HEAD_FIELDS = ("decode", "calibrate") + NEW_HEAD_FIELDS
 _LOSS_OPTION_NAMES = sorted({k for options in LOSS_OPTIONS.values() for k in options})
 
 
@@ -77,7 +79,7 @@ def head_spec(spec: Mapping[str, Any], entry: Mapping[str, Any], model_cfg: Mapp
     inherited = ["regression_hidden", "init_age", "head_init_std", "bin_values"]
     if kind == model_cfg.get("head", "dex"):  # config.model's decoder and loss options are its kind's
       inherited += ["decode", "loss_options"]
-    for k in (*inherited, "decode", "loss_options"):
+    for k in (*inherited, "decode", "loss_options", "calibrate"):
       spec.pop(k, None)
     spec.update({k: _plain(model_cfg[k]) for k in inherited if k in model_cfg})
   else:
@@ -90,6 +92,8 @@ def head_spec(spec: Mapping[str, Any], entry: Mapping[str, Any], model_cfg: Mapp
       raise ConfigError(f"priors[{name}].head_type={kind!r} cannot reuse the kept {own!r} layer (only softmax kinds "
                         f"{', '.join(SOFTMAX_KINDS)} share one); set priors[{name}].head='new'")
     fixed = sorted(set(options) & set(NEW_HEAD_FIELDS))
+    if spec.get("calibrate") is not None and options.get("calibrate", spec["calibrate"]) != spec["calibrate"]:
+      fixed.insert(0, "calibrate")  # the checkpoint's scale and shift were fitted around its own centre
     if fixed:
       raise ConfigError(f"priors[{name}].head_options.{fixed[0]} is fixed by the kept head; set "
                         f"priors[{name}].head='new' to change it")
@@ -135,13 +139,21 @@ def resolve_prior(entry: Mapping[str, Any], model_cfg: Mapping[str, Any], image_
     preprocess = Preprocess.from_dict(entry.get("preprocess", model_cfg.get("preprocess", {})))
   else:
     raise ConfigError(f"priors[{name}] needs `dir` (a prior directory) or `model` (a spec to start from scratch)")
+  was_calibrated = spec.get("calibrate") is not None
   spec = head_spec(spec, entry, model_cfg, head_mode == "new", name)
   model = build_model(spec)
   variables = dict(variables)
   if head_mode == "new":
     variables["params"] = dict(variables["params"])
     variables["params"]["head"] = init_head(model, variables, image_size, jax.random.key(seed))
+  elif spec.get("calibrate") is not None and not was_calibrated:
+    variables["params"] = {**variables["params"], "head": calibrated_head_params(variables["params"]["head"])}
   return Prior(name, spec, model, variables, preprocess, head_mode == "new")
+
+
+def calibrated_head_params(head_params: Any) -> dict[str, Any]:
+  """A kept head's parameters inside a `CalibratedHead` that starts as the identity (scale 1, shift 0)."""
+  return {"inner": head_params, "scale": jnp.ones((), jnp.float32), "shift": jnp.zeros((), jnp.float32)}
 
 
 def feature_dim(model: AgeModel, variables: Mapping[str, Any], image_size: int) -> int:

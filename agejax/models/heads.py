@@ -38,6 +38,12 @@ takes the sigmoids sorted in decreasing order as P(r > k): that is the model's o
 (as at the optimum), and it keeps both the count above 0.5 and the expected rank sum_k sigmoid(z_k).
 All functions compute in float32 from log-softmax / log-sigmoid, have no Python branches on values, and are
 jit/vmap-safe; the median is piecewise constant (zero gradient), so train with a loss, not with it.
+
+Calibration (spec `calibrate` = c, years): the head's decoded age a becomes s (a - c) + c + t, two parameters
+`scale` s (starting at 1) and `shift` t (starting at 0) of `CalibratedHead`, trained by L1 on the calibrated age.
+It starts equal to the uncalibrated head. With the inner head frozen it is the cheapest adaptation of a prior to a
+new dataset: it can stretch or shrink the predictions around c and move them, not change their order. A calibrated head
+predicts one age (its outputs are (..., 1)), so it has no distribution over the bins.
 """
 
 import dataclasses
@@ -130,6 +136,21 @@ class RegressionHead(nn.Module):
     return nn.Dense(1, bias_init=nn.initializers.constant(self.init_bias), name="fc3")(x)
 
 
+class CalibratedHead(nn.Module):
+  """`inner`'s decoded age (as `age` decodes it) calibrated to s (a - centre) + centre + t; outputs (..., 1)."""
+
+  inner: nn.Module
+  age: "AgeHead"
+  centre: float
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
+    predicted = self.age.decode(self.inner(features, train=train))
+    scale = self.param("scale", nn.initializers.ones, (), jnp.float32)
+    shift = self.param("shift", nn.initializers.zeros, (), jnp.float32)
+    return (scale * (predicted - self.centre) + self.centre + shift)[..., None]
+
+
 def _unknown_kind(kind: Any) -> ConfigError:
   return ConfigError(f"unknown head kind {kind!r}; expected one of {', '.join(HEAD_KINDS)}")
 
@@ -153,7 +174,10 @@ def head_module(spec: Mapping[str, Any]) -> nn.Module:
   `init_age`); an age head's spec is validated by `age_head` first, so a bad field fails at build time."""
   kind = spec.get("head", "dex")
   if kind in AGE_KINDS:
-    age_head(spec)
+    head = age_head(spec)
+    if head.calibration is not None:
+      inner = head_module(_uncalibrated(spec))
+      return CalibratedHead(inner, age_head(_uncalibrated(spec)), head.calibration)
   return make_head(kind, num_classes=spec.get("num_classes", DEX_BINS), init_std=spec.get("head_init_std", 0.01),
                    regression_hidden=tuple(spec.get("regression_hidden", (512, 128))),
                    init_age=spec.get("init_age", 30.0))
@@ -212,7 +236,8 @@ def median_bin(probs: jax.Array, bins: jax.Array) -> jax.Array:
 class AgeHead:
   """An age head resolved from a spec: hashable and comparable by value, so it can be a static jit argument.
 
-  `bin_values` None means the default bins 0..K-1; `options` holds every loss option of the kind, defaults filled.
+  `bin_values` None means the default bins 0..K-1; `options` holds every loss option of the kind, defaults filled;
+  `calibration` is the centre of a calibrated head (None: not calibrated), whose one output is the age.
   """
 
   kind: str
@@ -221,6 +246,12 @@ class AgeHead:
   bin_values: tuple[float, ...] | None = None
   decoding: str = "expectation"
   options: tuple[tuple[str, Any], ...] = ()
+  calibration: float | None = None
+
+  @property
+  def has_distribution(self) -> bool:
+    """Whether the outputs are a distribution over the bin ages (not for 'regression' or a calibrated head)."""
+    return self.kind != "regression" and self.calibration is None
 
   @property
   def bins(self) -> jax.Array:
@@ -234,12 +265,14 @@ class AgeHead:
 
   def loss(self, outputs: jax.Array, ages: jax.Array) -> jax.Array:
     """Per-example training loss (...) for head outputs (..., num_outputs) and true ages (...) in years."""
+    if self.calibration is not None:  # L1 on the calibrated age
+      return jnp.abs(outputs[..., 0].astype(jnp.float32) - jnp.asarray(ages, jnp.float32))
     return _LOSSES[self.kind](self, outputs.astype(jnp.float32), jnp.asarray(ages, jnp.float32))
 
   def decode(self, outputs: jax.Array) -> jax.Array:
     """Predicted ages (...) in years."""
     outputs = outputs.astype(jnp.float32)
-    if self.kind == "regression":
+    if self.kind == "regression" or self.calibration is not None:
       return outputs[..., 0]
     if self.kind in ORDINAL_KINDS:
       survival = ordinal_survival(outputs, self.kind)
@@ -256,6 +289,8 @@ class AgeHead:
     """(probabilities (..., K) over the bin ages, the bin ages (K,))."""
     if self.kind == "regression":
       raise ConfigError("a 'regression' head predicts one age, not a distribution over age bins")
+    if self.calibration is not None:
+      raise ConfigError("a calibrated head predicts one age, not a distribution over age bins")
     outputs = outputs.astype(jnp.float32)
     if self.kind in ORDINAL_KINDS:
       return survival_to_probs(ordinal_survival(outputs, self.kind)), self.bins
@@ -372,10 +407,20 @@ def _bin_values(values: Any, num_classes: int, kind: str) -> tuple[float, ...] |
   return values
 
 
+def _uncalibrated(spec: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in spec.items() if k != "calibrate"}
+
+
 def age_head(spec: Mapping[str, Any]) -> AgeHead:
   """The age head a model spec describes: fields `head` (kind, default 'dex'), `num_classes` (bins or ranks K,
   default 101; unused by 'regression'), `bin_values` (K increasing ages, default 0..K-1), `decode` ('expectation'
-  or 'median'; default 'median' for coral/corn, else 'expectation') and `loss_options` (see LOSS_OPTIONS)."""
+  or 'median'; default 'median' for coral/corn, else 'expectation'), `loss_options` (see LOSS_OPTIONS) and
+  `calibrate` (the centre of an output calibration in years; absent or None: none)."""
+  centre = spec.get("calibrate")
+  if centre is not None:
+    if isinstance(centre, bool) or not isinstance(centre, numbers.Real) or not math.isfinite(centre):
+      raise ConfigError(f"calibrate must be the calibration's centre in years (a finite number), got {centre!r}")
+    return dataclasses.replace(age_head(_uncalibrated(spec)), num_outputs=1, calibration=float(centre))
   kind = spec.get("head", "dex")
   if kind == "classes":
     raise _no_age(kind, spec.get("num_classes"))
