@@ -14,25 +14,13 @@ import argparse
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from agejax.experiments.study_data import load_study_data  # noqa: E402
-from agejax.models import load_pretrained  # noqa: E402
-from agejax.models.heads import age_head  # noqa: E402
-from agejax.models.pretrained import read_prior_metadata  # noqa: E402
+from agejax.predict import Predictor  # noqa: E402
 from configs import utkface  # noqa: E402
-
-
-def predicted_ages(prior_dir: str, images: np.ndarray, batch: int = 50) -> np.ndarray:
-  """Ages a prior directory (an untouched prior or a saved trial) predicts for uint8 images."""
-  model, variables, preprocess = load_pretrained(prior_dir)
-  head = age_head(read_prior_metadata(prior_dir)["model"])
-  run = jax.jit(lambda x: head.decode(model.apply(variables, preprocess(x))))
-  return np.concatenate([np.asarray(run(jnp.asarray(images[i:i + batch]))) for i in range(0, len(images), batch)])
 
 
 def main() -> None:
@@ -46,8 +34,9 @@ def main() -> None:
   cfg.data.update(pad_fraction=args.pad, pad_mode="reflect")
   data = load_study_data(cfg.data, 0)
   ages = np.asarray(data.test_ages, np.float64)
-  base = np.abs(predicted_ages(args.prior, data.test_images) - ages)
-  trial = np.abs(predicted_ages(args.trial, data.test_images) - ages)
+  # the study's test images are already model inputs (crop x crop), as agejax.predict's --aligned chips become
+  base = np.abs(Predictor.load(args.prior).predict(data.test_images, 50)[0] - ages)
+  trial = np.abs(Predictor.load(args.trial).predict(data.test_images, 50)[0] - ages)
   diff = trial - base  # per test image: positive where the trial is worse
   rng = np.random.default_rng(0)
   means = diff[rng.integers(0, len(diff), (args.resamples, len(diff)))].mean(axis=1)

@@ -176,8 +176,8 @@ def head_module(spec: Mapping[str, Any]) -> nn.Module:
   if kind in AGE_KINDS:
     head = age_head(spec)
     if head.calibration is not None:
-      inner = head_module(_uncalibrated(spec))
-      return CalibratedHead(inner, age_head(_uncalibrated(spec)), head.calibration)
+      inner = _uncalibrated(spec)
+      return CalibratedHead(head_module(inner), age_head(inner), head.calibration)
   return make_head(kind, num_classes=spec.get("num_classes", DEX_BINS), init_std=spec.get("head_init_std", 0.01),
                    regression_hidden=tuple(spec.get("regression_hidden", (512, 128))),
                    init_age=spec.get("init_age", 30.0))
